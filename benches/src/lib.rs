@@ -1,0 +1,1 @@
+//! Criterion micro-benchmarks live under `benches/`; this crate has no library code.

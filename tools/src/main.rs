@@ -1,0 +1,3 @@
+#![forbid(unsafe_code)]
+//! The `ringfault` command.
+fn main() {}
