@@ -1,0 +1,280 @@
+//! Migration statistics: counters shared by the workers, per-fault service latency
+//! in an HDR histogram, and per-channel throughput in 100 ms steps. Everything ends
+//! up in a [`DestinationReport`] or [`SourceReport`], which serialise to JSON.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use hdrhistogram::Histogram;
+use serde::Serialize;
+
+/// Width of one throughput sample.
+pub const STEP: Duration = Duration::from_millis(100);
+
+/// Counters updated by every destination worker. All are plain event counts that no
+/// thread reads to make a decision, so `Relaxed` suffices for each.
+#[derive(Debug, Default)]
+pub struct Counters {
+    /// Faults read from userfaultfd.
+    pub faults: AtomicU64,
+    /// Faults that joined a request already in flight for the same page.
+    pub coalesced_faults: AtomicU64,
+    /// Faults on a page that was already present when the fault was read.
+    pub stale_faults: AtomicU64,
+    /// Pages installed from demand replies.
+    pub demand_pages: AtomicU64,
+    /// Data pages installed from the bulk lanes.
+    pub bulk_pages: AtomicU64,
+    /// Pages installed with `UFFDIO_ZEROPAGE` because the source sent them as zero.
+    pub zero_pages: AtomicU64,
+    /// Pages installed as zero because the source never populated them.
+    pub unpopulated_pages: AtomicU64,
+    /// Pages that arrived when already present (EEXIST): counted, never an error.
+    pub duplicate_pages: AtomicU64,
+    /// `EAGAIN` retries caused by a pending userfaultfd event.
+    pub eagain_retries: AtomicU64,
+    /// Bytes read from all sockets, headers included.
+    pub wire_bytes: AtomicU64,
+}
+
+impl Counters {
+    /// Adds `n` to a counter.
+    pub fn add(c: &AtomicU64, n: u64) {
+        // Relaxed: a statistic, read only after the workers joined.
+        c.fetch_add(n, Ordering::Relaxed);
+    }
+    fn get(c: &AtomicU64) -> u64 {
+        // Relaxed: read after join(), which already orders it.
+        c.load(Ordering::Relaxed)
+    }
+}
+
+/// Bytes per [`STEP`] since a start instant, owned by one worker.
+#[derive(Debug, Clone)]
+pub struct Timeline {
+    start: Instant,
+    buckets: Vec<u64>,
+}
+
+impl Timeline {
+    /// A timeline whose step 0 begins at `start`.
+    pub fn new(start: Instant) -> Timeline {
+        Timeline {
+            start,
+            buckets: Vec::new(),
+        }
+    }
+
+    /// Records `bytes` at the current time.
+    pub fn record(&mut self, bytes: u64) {
+        let step = self.start.elapsed().as_millis() / STEP.as_millis();
+        let i = usize::try_from(step).unwrap_or(usize::MAX).min(1 << 20);
+        if self.buckets.len() <= i {
+            self.buckets.resize(i + 1, 0);
+        }
+        self.buckets[i] += bytes;
+    }
+
+    /// The samples, bytes per step.
+    pub fn samples(&self) -> &[u64] {
+        &self.buckets
+    }
+}
+
+/// Latency percentiles in microseconds.
+#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+pub struct LatencySummary {
+    /// Samples.
+    pub count: u64,
+    /// Median.
+    pub p50_us: f64,
+    /// 90th percentile.
+    pub p90_us: f64,
+    /// 99th percentile.
+    pub p99_us: f64,
+    /// 99.9th percentile.
+    pub p999_us: f64,
+    /// Largest.
+    pub max_us: f64,
+    /// Mean.
+    pub mean_us: f64,
+}
+
+/// A fresh latency histogram in nanoseconds, 1 ns to 100 s, 3 significant digits.
+pub fn new_histogram() -> Histogram<u64> {
+    // 3 significant figures over 1 ns..100 s are valid bounds, so creation cannot fail;
+    // fall back to an auto-resizing histogram rather than panic anyway.
+    Histogram::new_with_bounds(1, 100_000_000_000, 3)
+        .or_else(|_| Histogram::new(3))
+        .unwrap_or_else(|_| unreachable_histogram())
+}
+
+fn unreachable_histogram() -> Histogram<u64> {
+    // Histogram::new(3) only fails for sigfig > 5.
+    Histogram::new(2).unwrap_or_else(|_| std::process::abort())
+}
+
+/// Records a duration in nanoseconds, saturating.
+pub fn record(h: &mut Histogram<u64>, d: Duration) {
+    let ns = u64::try_from(d.as_nanos()).unwrap_or(u64::MAX).max(1);
+    h.saturating_record(ns);
+}
+
+impl LatencySummary {
+    /// Percentiles of a nanosecond histogram.
+    pub fn of(h: &Histogram<u64>) -> LatencySummary {
+        if h.is_empty() {
+            return LatencySummary::default();
+        }
+        let us = |ns: u64| ns_to_us(ns);
+        LatencySummary {
+            count: h.len(),
+            p50_us: us(h.value_at_quantile(0.50)),
+            p90_us: us(h.value_at_quantile(0.90)),
+            p99_us: us(h.value_at_quantile(0.99)),
+            p999_us: us(h.value_at_quantile(0.999)),
+            max_us: us(h.max()),
+            mean_us: h.mean() / 1000.0,
+        }
+    }
+}
+
+/// Nanoseconds as fractional microseconds (for reports only).
+pub fn ns_to_us(ns: u64) -> f64 {
+    // Lossy above 2^53 ns (104 days): fine for a report.
+    #[allow(clippy::cast_precision_loss)]
+    let v = ns as f64 / 1000.0;
+    v
+}
+
+/// The CDF of a histogram as (microseconds, cumulative fraction) points, for plots.
+pub fn cdf_points(h: &Histogram<u64>) -> Vec<(f64, f64)> {
+    if h.is_empty() {
+        return Vec::new();
+    }
+    let mut out = Vec::new();
+    for q in [
+        0.0, 0.01, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99, 0.995,
+        0.999, 0.9999, 1.0,
+    ] {
+        out.push((ns_to_us(h.value_at_quantile(q)), q));
+    }
+    out
+}
+
+/// One channel's traffic.
+#[derive(Debug, Clone, Serialize)]
+pub struct ChannelReport {
+    /// Channel index (0 = demand lane).
+    pub channel: u16,
+    /// `demand` or `bulk`.
+    pub lane: &'static str,
+    /// Bytes read from this connection.
+    pub bytes: u64,
+    /// Bytes per 100 ms step since the session began.
+    pub bytes_per_step: Vec<u64>,
+}
+
+/// What the destination measured.
+#[derive(Debug, Clone, Serialize)]
+pub struct DestinationReport {
+    /// Session id in hex.
+    pub session: String,
+    /// From the first connection to the moment every page was present.
+    pub elapsed_s: f64,
+    /// Pages in the layout.
+    pub pages_total: u64,
+    /// Bytes of guest memory in the layout.
+    pub bytes_total: u64,
+    /// Faults read from userfaultfd.
+    pub faults: u64,
+    /// Faults coalesced into a request in flight.
+    pub coalesced_faults: u64,
+    /// Faults on pages already present.
+    pub stale_faults: u64,
+    /// Pages installed from demand replies.
+    pub demand_pages: u64,
+    /// Data pages installed from bulk lanes.
+    pub bulk_pages: u64,
+    /// Zero pages (sent as a flag).
+    pub zero_pages: u64,
+    /// Never-populated pages (sent as a range).
+    pub unpopulated_pages: u64,
+    /// Pages that arrived twice (EEXIST).
+    pub duplicate_pages: u64,
+    /// EAGAIN retries.
+    pub eagain_retries: u64,
+    /// Bytes received, headers included.
+    pub wire_bytes: u64,
+    /// Engine-side service latency: fault read to install done.
+    pub fault_service: LatencySummary,
+    /// CDF points of the same, for plots.
+    pub fault_service_cdf: Vec<(f64, f64)>,
+    /// Per-channel traffic.
+    pub channels: Vec<ChannelReport>,
+}
+
+impl DestinationReport {
+    pub(crate) fn build(
+        session: String,
+        elapsed: Duration,
+        pages_total: u64,
+        bytes_total: u64,
+        c: &Counters,
+        h: &Histogram<u64>,
+        channels: Vec<ChannelReport>,
+    ) -> DestinationReport {
+        DestinationReport {
+            session,
+            elapsed_s: elapsed.as_secs_f64(),
+            pages_total,
+            bytes_total,
+            faults: Counters::get(&c.faults),
+            coalesced_faults: Counters::get(&c.coalesced_faults),
+            stale_faults: Counters::get(&c.stale_faults),
+            demand_pages: Counters::get(&c.demand_pages),
+            bulk_pages: Counters::get(&c.bulk_pages),
+            zero_pages: Counters::get(&c.zero_pages),
+            unpopulated_pages: Counters::get(&c.unpopulated_pages),
+            duplicate_pages: Counters::get(&c.duplicate_pages),
+            eagain_retries: Counters::get(&c.eagain_retries),
+            wire_bytes: Counters::get(&c.wire_bytes),
+            fault_service: LatencySummary::of(h),
+            fault_service_cdf: cdf_points(h),
+            channels,
+        }
+    }
+
+    /// Pretty JSON.
+    pub fn to_json(&self) -> String {
+        serde_json::to_string_pretty(self).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"))
+    }
+}
+
+/// What the source measured.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct SourceReport {
+    /// Session id in hex.
+    pub session: String,
+    /// From the first connection to release.
+    pub elapsed_s: f64,
+    /// Demand requests served.
+    pub demand_requests: u64,
+    /// Data pages sent on the demand lane.
+    pub demand_pages: u64,
+    /// Data pages sent on bulk lanes.
+    pub bulk_pages: u64,
+    /// Pages sent as zero flags.
+    pub zero_pages: u64,
+    /// Pages sent as never-populated ranges.
+    pub unpopulated_pages: u64,
+    /// Bytes written to all sockets, headers included.
+    pub wire_bytes: u64,
+    /// True once the destination confirmed every page and released the source.
+    pub released: bool,
+}
+
+/// Session ids in reports.
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}

@@ -1,0 +1,210 @@
+//! End-to-end post-copy migrations on the real kernel: the source runs in a child
+//! process, the destination here, over TCP on loopback, while two threads read and
+//! write random guest pages on the destination from the first instant.
+
+mod common;
+
+use common::*;
+use ringfault_engine::destination::AttachedRegion;
+use ringfault_engine::sys::mapping::{GuestMapping, MapOptions};
+use ringfault_engine::sys::pagemap::populated_pages;
+use ringfault_engine::sys::uffd::{Features, RegisterMode, Uffd, UffdOptions};
+use ringfault_engine::{Destination, DestinationConfig, EngineError, InstallMode};
+use ringfault_proto::auth::PresharedKey;
+
+const MIB: usize = 1 << 20;
+
+/// The child-process entry: does nothing unless started by `SourceChild::spawn`.
+#[test]
+fn source_child() {
+    source_child_main();
+}
+
+struct Case {
+    spec: VmSpec,
+    channels: u16,
+    install: InstallMode,
+}
+
+fn migrate(case: Case) -> ringfault_engine::stats::DestinationReport {
+    let _g = serial();
+    let src = SourceChild::spawn("source_child", &case.spec, KEY_A);
+    let mut cfg = DestinationConfig::new(PresharedKey::new(KEY_A.to_vec()).unwrap());
+    cfg.bulk_channels = case.channels;
+    cfg.install = case.install;
+    let dest = Destination::connect(&src.addr, cfg).expect("connect");
+    let areas = dest.regions();
+    let keep = dest.mappings();
+    let workload = Workload::start(&case.spec, areas.clone(), 2);
+    let report = dest.run().expect("migration");
+    // A short tail with every page present.
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    let results = workload.stop();
+    let (ok, line) = src.finish();
+    assert!(ok, "source failed: {line}");
+    assert!(line.starts_with("SOURCE OK"), "{line}");
+    for r in &results {
+        assert!(
+            r.bad_reads.is_empty(),
+            "workload read wrong bytes: {:?}",
+            r.bad_reads
+        );
+    }
+    let bad = verify(&case.spec, &areas, &results);
+    assert!(bad.is_empty(), "destination memory differs: {bad:#?}");
+    assert_eq!(
+        report.pages_total,
+        (case.spec.region_sizes.iter().sum::<usize>() / PAGE) as u64
+    );
+    assert!(
+        report.faults > 0,
+        "the workload must have faulted: {report:#?}"
+    );
+    eprintln!(
+        "{}",
+        report
+            .to_json()
+            .lines()
+            .filter(|l| !l.contains('[') || l.contains("channels"))
+            .take(24)
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    eprintln!("source: {line}");
+    drop(keep);
+    report
+}
+
+fn dense(size: usize, seed: u64) -> VmSpec {
+    VmSpec {
+        seed,
+        region_sizes: vec![size],
+        populated_permille: 1000,
+    }
+}
+
+#[test]
+fn one_channel_copy() {
+    migrate(Case {
+        spec: dense(256 * MIB, 1),
+        channels: 1,
+        install: InstallMode::Copy,
+    });
+}
+
+#[test]
+fn four_channels_copy() {
+    let r = migrate(Case {
+        spec: dense(256 * MIB, 2),
+        channels: 4,
+        install: InstallMode::Copy,
+    });
+    assert_eq!(r.channels.len(), 5, "one demand and four bulk lanes");
+    assert!(
+        r.channels
+            .iter()
+            .filter(|c| c.lane == "bulk" && c.bytes > 0)
+            .count()
+            >= 2,
+        "bulk traffic must spread over channels: {:?}",
+        r.channels.iter().map(|c| c.bytes).collect::<Vec<_>>()
+    );
+}
+
+#[test]
+fn move_install() {
+    if !Uffd::probe()
+        .map(|f| f.contains(Features::MOVE))
+        .unwrap_or(false)
+    {
+        eprintln!("SKIPPED move_install: this kernel has no UFFDIO_MOVE (needs Linux 6.8)");
+        return;
+    }
+    migrate(Case {
+        spec: dense(256 * MIB, 3),
+        channels: 1,
+        install: InstallMode::Move,
+    });
+}
+
+#[test]
+fn sparse_region_sends_little() {
+    let size = 256 * MIB;
+    let r = migrate(Case {
+        spec: VmSpec {
+            seed: 4,
+            region_sizes: vec![size],
+            populated_permille: 100,
+        },
+        channels: 1,
+        install: InstallMode::Copy,
+    });
+    let limit = size as f64 * 0.15;
+    assert!(
+        (r.wire_bytes as f64) < limit,
+        "{} bytes on the wire for a 90% empty region (limit {limit})",
+        r.wire_bytes
+    );
+    assert!(r.unpopulated_pages > 0 && r.zero_pages > 0, "{r:#?}");
+}
+
+#[test]
+fn two_regions_of_different_sizes() {
+    migrate(Case {
+        spec: VmSpec {
+            seed: 5,
+            region_sizes: vec![160 * MIB, 96 * MIB],
+            populated_permille: 900,
+        },
+        channels: 2,
+        install: InstallMode::Copy,
+    });
+}
+
+#[test]
+fn wrong_key_fails_on_both_sides_and_installs_nothing() {
+    let _g = serial();
+    let spec = dense(16 * MIB, 6);
+    let src = SourceChild::spawn("source_child", &spec, KEY_A);
+    // Memory registered by "a VMM", so that we can check afterwards that no page
+    // was installed into it.
+    let m = GuestMapping::anonymous(16 * MIB, PAGE, MapOptions::default()).unwrap();
+    let uffd = Uffd::open(UffdOptions {
+        nonblock: true,
+        user_mode_only: false,
+    })
+    .unwrap();
+    uffd.api(Features::NONE).unwrap();
+    uffd.register(m.addr(), m.len(), RegisterMode::Missing)
+        .unwrap();
+    let cfg = DestinationConfig::new(PresharedKey::new(KEY_B.to_vec()).unwrap());
+    let regions = vec![AttachedRegion {
+        base: m.addr(),
+        len: m.len(),
+        page_size: PAGE,
+    }];
+    let err = Destination::attach(&src.addr, cfg, uffd.into_fd(), regions)
+        .expect_err("a wrong key must fail");
+    assert!(
+        matches!(err, EngineError::Auth(_)),
+        "destination error must be an authentication error, got {err:?}"
+    );
+    let text = format!(
+        "{err}: {}",
+        std::error::Error::source(&err)
+            .map(|s| s.to_string())
+            .unwrap_or_default()
+    );
+    assert!(text.contains("authentication"), "{text}");
+    let (ok, line) = src.finish();
+    assert!(!ok, "source must fail");
+    assert!(
+        line.contains("authentication"),
+        "source must say why: {line}"
+    );
+    let populated = populated_pages(m.addr(), m.len(), PAGE).unwrap();
+    assert!(
+        populated.iter().all(|w| *w == 0),
+        "no page may be installed"
+    );
+}
