@@ -38,6 +38,9 @@ pub struct SourceRegion {
     id: u32,
     page_size: PageSize,
     area: GuestArea,
+    /// False for file mappings: the page map cannot tell a file's holes, so every
+    /// page counts as populated and zero pages are found by content.
+    scan_populated: bool,
     _keep: Option<Arc<GuestMapping>>,
 }
 
@@ -52,8 +55,20 @@ impl SourceRegion {
             id,
             page_size,
             area,
+            scan_populated: true,
             _keep: Some(mapping),
         })
+    }
+
+    /// Serves a file mapping (`GuestMapping::map_file`), e.g. a snapshot memory
+    /// file: every page counts as populated, and zero pages are found by content.
+    pub fn from_file_mapping(
+        id: u32,
+        mapping: Arc<GuestMapping>,
+    ) -> Result<SourceRegion, EngineError> {
+        let mut r = Self::from_mapping(id, mapping)?;
+        r.scan_populated = false;
+        Ok(r)
     }
 
     /// Serves memory the VMM owns.
@@ -72,6 +87,7 @@ impl SourceRegion {
             page_size,
             // SAFETY: forwarded from this function's contract.
             area: unsafe { GuestArea::new(base, len) },
+            scan_populated: true,
             _keep: None,
         }
     }
@@ -215,7 +231,13 @@ impl Source {
         let populated = self
             .regions
             .iter()
-            .map(|r| PopulatedMap::scan(r.area(), r.page_size.bytes()))
+            .map(|r| {
+                if r.scan_populated {
+                    PopulatedMap::scan(r.area(), r.page_size.bytes())
+                } else {
+                    Ok(PopulatedMap::all(r.area().len() as u64 / r.page_size.bytes()))
+                }
+            })
             .collect::<Result<Vec<_>, _>>()?;
         let session = Session {
             regions: &self.regions,

@@ -290,6 +290,49 @@ impl GuestMapping {
         Ok(mapping)
     }
 
+    /// Maps the first `len` bytes of `file` private and read-only, e.g. a
+    /// snapshot memory file served to a destination. Pages are read from the
+    /// page cache on first touch; the mapping never writes the file.
+    pub fn map_file(file: &std::fs::File, len: usize) -> Result<GuestMapping, MapError> {
+        use std::os::fd::AsRawFd;
+        if len == 0 || !len.is_multiple_of(PAGE_4K) {
+            return Err(MapError::Length {
+                len,
+                page_size: PAGE_4K,
+            });
+        }
+        // SAFETY: a fresh private read-only mapping of a file we hold open, at
+        // a kernel-chosen address: it aliases nothing we own, and a private
+        // mapping is not changed by this process writing the file.
+        let p = unsafe {
+            libc::mmap(
+                ptr::null_mut(),
+                len,
+                libc::PROT_READ,
+                libc::MAP_PRIVATE,
+                file.as_raw_fd(),
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(MapError::Mmap {
+                len,
+                page_size: PAGE_4K,
+                source: io::Error::last_os_error(),
+            });
+        }
+        let ptr = NonNull::new(p.cast::<u8>()).ok_or(MapError::Length {
+            len,
+            page_size: PAGE_4K,
+        })?;
+        Ok(GuestMapping {
+            ptr,
+            len,
+            page_size: PAGE_4K,
+            owned: true,
+        })
+    }
+
     /// Wraps memory a VMM owns; it is not unmapped on drop.
     ///
     /// # Safety
