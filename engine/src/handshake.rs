@@ -95,6 +95,17 @@ pub fn destination_handshake(
         );
         return Err(e.into());
     }
+    let offered = challenge.capabilities.0;
+    if offered & !hello.capabilities.0 != 0 {
+        send_error(
+            stream,
+            ErrorCode::Protocol,
+            "capabilities not a subset of ours",
+        );
+        return Err(EngineError::Protocol(
+            "the source claimed capabilities we did not offer".into(),
+        ));
+    }
     if challenge.session != session {
         send_error(stream, ErrorCode::Protocol, "session id changed");
         return Err(EngineError::Protocol(
@@ -117,10 +128,7 @@ pub fn destination_handshake(
     stream
         .set_read_timeout(None)
         .map_err(|e| EngineError::io("clearing the handshake timeout", e))?;
-    Ok((
-        challenge.capabilities.intersect(our_capabilities()),
-        welcome,
-    ))
+    Ok((challenge.capabilities, welcome))
 }
 
 /// The source's side. `accept_session` sees the authenticated hello and says whether
@@ -154,7 +162,7 @@ pub fn source_handshake(
     let challenge = Challenge {
         version: VERSION,
         role: Role::Source,
-        capabilities: our_capabilities(),
+        capabilities: hello.capabilities.intersect(our_capabilities()),
         session: hello.session,
         nonce,
         mac,

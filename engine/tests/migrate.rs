@@ -32,6 +32,15 @@ fn migrate(case: Case) -> ringfault_engine::stats::DestinationReport {
     let mut cfg = DestinationConfig::new(PresharedKey::new(KEY_A.to_vec()).unwrap());
     cfg.bulk_channels = case.channels;
     cfg.install = case.install;
+    if let Some(us) = env_u64("RF_DEST_SPIN_US") {
+        cfg.spin = std::time::Duration::from_micros(us);
+    }
+    if let Some(p) = env_u64("RF_PIN") {
+        cfg.pin_workers = p != 0;
+    }
+    if let Some(p) = env_u64("RF_PRIO") {
+        cfg.prioritize_demand = p != 0;
+    }
     let dest = Destination::connect(&src.addr, cfg).expect("connect");
     let areas = dest.regions();
     let keep = dest.mappings();

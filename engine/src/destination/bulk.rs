@@ -23,10 +23,14 @@ pub(crate) fn run(
     stream: Stream,
     channel: u16,
 ) -> Result<ChannelReport, EngineError> {
-    if sh.cfg.pin_workers {
-        let cores = crate::sys::affinity::online_cores().max(1);
-        let _ = crate::sys::affinity::pin_current_thread(usize::from(channel) % cores);
-    }
+    crate::sys::affinity::place_current_thread(
+        "bulk worker",
+        sh.cfg.pin_workers,
+        usize::from(channel),
+        sh.cfg
+            .prioritize_demand
+            .then_some(crate::sys::affinity::SchedClass::Batch),
+    );
     let largest_page = sh.regions.iter().map(|r| r.page_size).max().unwrap_or(4096);
     let buf_len = sh.cfg.recv_buffer.max(largest_page).next_multiple_of(4096);
     let moving = sh.cfg.install == InstallMode::Move;

@@ -65,6 +65,10 @@ pub struct DestinationConfig {
     pub spin: Duration,
     /// Pin workers to cores.
     pub pin_workers: bool,
+    /// Run the fault worker `SCHED_FIFO` and bulk workers `SCHED_BATCH`, so that a
+    /// fault preempts bulk work at once (needs `CAP_SYS_NICE`; without it the
+    /// threads keep their class and a warning is logged).
+    pub prioritize_demand: bool,
     /// How long to keep retrying a refused connection.
     pub connect_patience: Duration,
     /// Bytes per bulk receive buffer.
@@ -80,8 +84,9 @@ impl DestinationConfig {
             install: InstallMode::Copy,
             prefetch_before: 0,
             prefetch_after: 15,
-            spin: Duration::from_micros(50),
+            spin: Duration::ZERO,
             pin_workers: true,
+            prioritize_demand: true,
             connect_patience: Duration::from_secs(10),
             recv_buffer: 1 << 20,
         }
@@ -113,6 +118,12 @@ impl Progress {
     /// Pages in all regions.
     pub fn total(&self) -> u64 {
         self.present.len()
+    }
+    /// Whether global page `page` (pages numbered across regions in layout order)
+    /// is present: lets a workload tell a first touch that faults from one that
+    /// does not. False for an index out of range.
+    pub fn is_present(&self, page: u64) -> bool {
+        page < self.present.len() && self.present.is_set(page)
     }
 }
 

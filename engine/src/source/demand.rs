@@ -10,21 +10,33 @@ use std::os::fd::AsFd;
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
-use ringfault_proto::{decode_frame, Message};
+use ringfault_proto::{decode_frame, ErrorCode, Message};
 
 use super::pusher::{count_frames, frames_for_run, send_frames};
 use super::{Session, SourceCounters};
 use crate::addr::Stream;
-use crate::conn::{peer_error, send_message};
+use crate::conn::{peer_error, send_error, send_message};
 use crate::error::EngineError;
 use crate::schedule::prefetch_window;
+use crate::sys::affinity::SchedClass;
 use crate::sys::guest::{recv_nonblocking, wait_readable};
+
+/// `SCHED_FIFO` priority of the source's demand thread: above every ordinary
+/// thread, below the kernel's own realtime threads, and one above the destination's
+/// fault worker, so that when both share a core (a benchmark on one host) a request
+/// preempts the fault worker that sent it and is answered before it even sleeps.
+pub const DEMAND_PRIORITY: i32 = 11;
 
 /// Serves the demand lane until `Release`.
 pub(super) fn run(s: &Session<'_>, mut stream: Stream) -> Result<(), EngineError> {
-    if s.cfg.pin_workers {
-        let _ = crate::sys::affinity::pin_current_thread(0);
-    }
+    crate::sys::affinity::place_current_thread(
+        "source demand lane",
+        s.cfg.pin_workers,
+        0,
+        s.cfg
+            .prioritize_demand
+            .then_some(SchedClass::Realtime(DEMAND_PRIORITY)),
+    );
     stream
         .set_nonblocking(true)
         .map_err(|e| EngineError::io("making the demand lane non-blocking", e))?;
@@ -33,7 +45,20 @@ pub(super) fn run(s: &Session<'_>, mut stream: Stream) -> Result<(), EngineError
     let mut frames = Vec::new();
     let mut last_active = Instant::now();
     let mut released = false;
+    let mut drained = false;
     while !released {
+        if drained && last_active.elapsed() >= s.cfg.spin {
+            // The last receive came back short: sleep at once instead of spending a
+            // system call to find the socket empty.
+            wait_readable(&[stream.as_fd()], 100)
+                .map_err(|e| EngineError::io("waiting on the demand lane", e))?;
+        }
+        if buf.len() == have {
+            return Err(EngineError::Protocol(
+                "a frame on the demand lane is larger than any demand frame".into(),
+            ));
+        }
+        let room = buf.len() - have;
         let got = recv_nonblocking(stream.as_fd(), &mut buf[have..])
             .map_err(|e| EngineError::io("reading the demand lane", e))?;
         match got {
@@ -45,14 +70,13 @@ pub(super) fn run(s: &Session<'_>, mut stream: Stream) -> Result<(), EngineError
             }
             Some(n) => {
                 have += n;
+                drained = n < room;
                 last_active = Instant::now();
             }
             None => {
+                drained = true;
                 if last_active.elapsed() < s.cfg.spin {
                     std::hint::spin_loop();
-                } else {
-                    wait_readable(&[stream.as_fd()], 100)
-                        .map_err(|e| EngineError::io("waiting on the demand lane", e))?;
                 }
                 continue;
             }
@@ -79,7 +103,17 @@ pub(super) fn run(s: &Session<'_>, mut stream: Stream) -> Result<(), EngineError
                     s.plan.hint(region, first, count);
                 }
                 Message::Complete(c) => {
-                    tracing::debug!("destination reports {} pages present", c.pages_present);
+                    let total = s.plan.space().total();
+                    if c.pages_present != total {
+                        let why = format!(
+                            "Complete says {} pages present, the layout has {total}",
+                            c.pages_present
+                        );
+                        send_error(&mut stream, ErrorCode::Protocol, why.clone());
+                        return Err(EngineError::Protocol(why));
+                    }
+                    // Release: pushers stop sending before we acknowledge.
+                    s.completing.store(true, Ordering::Release);
                     send_message(&mut stream, &Message::CompleteAck)?;
                 }
                 Message::Release => {

@@ -30,6 +30,7 @@ use crate::stats::{hex, SourceReport};
 use crate::sys::guest::GuestArea;
 use crate::sys::mapping::GuestMapping;
 
+pub use demand::DEMAND_PRIORITY;
 pub use scan::PopulatedMap;
 
 /// One region of guest memory to serve.
@@ -135,6 +136,10 @@ pub struct SourceConfig {
     pub spin: Duration,
     /// Pin the demand thread and pushers to cores.
     pub pin_workers: bool,
+    /// Run the demand thread `SCHED_FIFO` and pushers `SCHED_BATCH`, so that a
+    /// demand request preempts bulk work at once (needs `CAP_SYS_NICE`; without it
+    /// the threads keep their class and a warning is logged).
+    pub prioritize_demand: bool,
     /// How data is sent.
     pub send: SendMode,
 }
@@ -146,8 +151,9 @@ impl SourceConfig {
             key,
             frame_pages: 64,
             batch_bytes: 2 << 20,
-            spin: Duration::from_micros(50),
+            spin: Duration::ZERO,
             pin_workers: true,
+            prioritize_demand: true,
             send: SendMode::Writev,
         }
     }
@@ -189,6 +195,8 @@ pub(crate) struct Session<'a> {
     pub counters: SourceCounters,
     /// Set once the destination released the source, or the session failed.
     pub done: AtomicBool,
+    /// Set when the destination reported every page present: pushers stop.
+    pub completing: AtomicBool,
 }
 
 impl Source {
@@ -235,7 +243,9 @@ impl Source {
                 if r.scan_populated {
                     PopulatedMap::scan(r.area(), r.page_size.bytes())
                 } else {
-                    Ok(PopulatedMap::all(r.area().len() as u64 / r.page_size.bytes()))
+                    Ok(PopulatedMap::all(
+                        r.area().len() as u64 / r.page_size.bytes(),
+                    ))
                 }
             })
             .collect::<Result<Vec<_>, _>>()?;
@@ -247,6 +257,7 @@ impl Source {
             populated,
             counters: SourceCounters::default(),
             done: AtomicBool::new(false),
+            completing: AtomicBool::new(false),
         };
         listener
             .set_nonblocking(true)

@@ -144,10 +144,14 @@ pub(super) fn count_frames(c: &SourceCounters, frames: &[PlannedFrame], demand: 
 /// session ends (the connection stays open so that the destination can tell a
 /// finished lane from a lost one).
 pub(super) fn run(s: &Session<'_>, stream: Stream, channel: u16) -> Result<(), EngineError> {
-    if s.cfg.pin_workers {
-        let cores = crate::sys::affinity::online_cores().max(1);
-        let _ = crate::sys::affinity::pin_current_thread(usize::from(channel) % cores);
-    }
+    crate::sys::affinity::place_current_thread(
+        "source bulk lane",
+        s.cfg.pin_workers,
+        usize::from(channel),
+        s.cfg
+            .prioritize_demand
+            .then_some(crate::sys::affinity::SchedClass::Batch),
+    );
     let ps_min = s
         .regions
         .iter()
@@ -157,9 +161,9 @@ pub(super) fn run(s: &Session<'_>, stream: Stream, channel: u16) -> Result<(), E
     let batch_pages = (s.cfg.batch_bytes as u64 / ps_min).max(1);
     let mut frames = Vec::new();
     loop {
-        // Acquire: pairs with the Release store that ends the session.
-        if s.done.load(Ordering::Acquire) {
-            return Ok(());
+        // Acquire: pairs with the Release stores that end the session.
+        if s.done.load(Ordering::Acquire) || s.completing.load(Ordering::Acquire) {
+            break;
         }
         let runs = s.plan.next_batch(batch_pages);
         if runs.is_empty() {

@@ -1,4 +1,4 @@
-//! CPU affinity for the engine's threads.
+//! CPU affinity and scheduling classes for the engine's threads.
 //!
 //! # Mechanism
 //!
@@ -39,6 +39,52 @@ pub fn pin_current_thread(core: usize) -> Result<(), io::Error> {
         return Err(io::Error::last_os_error());
     }
     Ok(())
+}
+
+/// How a thread competes for CPU time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SchedClass {
+    /// `SCHED_FIFO` at this priority (1..=99): a wake-up preempts every ordinary
+    /// thread at once instead of waiting for the scheduler's next tick. For the
+    /// demand path, whose threads sleep most of the time. Needs `CAP_SYS_NICE`.
+    Realtime(i32),
+    /// `SCHED_BATCH`: a CPU-bound thread that yields to woken interactive ones. For
+    /// bulk lanes, so that they never delay a vCPU or the demand path.
+    Batch,
+}
+
+/// Puts the calling thread in scheduling class `class`.
+pub fn set_sched_class(class: SchedClass) -> Result<(), io::Error> {
+    let (policy, priority) = match class {
+        SchedClass::Realtime(p) => (libc::SCHED_FIFO, p.clamp(1, 99)),
+        SchedClass::Batch => (libc::SCHED_BATCH, 0),
+    };
+    let param = libc::sched_param {
+        sched_priority: priority,
+    };
+    // SAFETY: `param` is a valid sched_param for the duration of the call; pid 0
+    // names the calling thread.
+    let ret = unsafe { libc::sched_setscheduler(0, policy, &param) };
+    if ret < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Places the calling thread: pins it to `core` if `pin`, and sets its class if
+/// `class` is given. Failures are logged, not fatal: placement is an optimisation.
+pub fn place_current_thread(role: &str, pin: bool, core: usize, class: Option<SchedClass>) {
+    if pin {
+        let cores = online_cores().max(1);
+        if let Err(e) = pin_current_thread(core % cores) {
+            tracing::warn!("{role}: cannot pin to core {}: {e}", core % cores);
+        }
+    }
+    if let Some(c) = class {
+        if let Err(e) = set_sched_class(c) {
+            tracing::warn!("{role}: cannot set scheduling class {c:?}: {e}");
+        }
+    }
 }
 
 /// The CPUs the calling thread may run on.

@@ -5,7 +5,7 @@
 //!
 //! Needs Linux 4.3 (COPY, ZEROPAGE) and 6.8 (MOVE).
 
-use crate::sys::mapping::AlignedBuf;
+use crate::sys::mapping::{AlignedBuf, GuestMapping};
 use crate::sys::uffd::{Installed, Uffd, UffdError};
 
 /// `UFFDIO_COPY` of `src` to the missing pages at `dst`.
@@ -15,6 +15,33 @@ pub fn copy_from(uffd: &Uffd, dst: usize, src: &[u8], wake: bool) -> Result<Inst
     // registered on this uffd (else ENOENT), i.e. guest memory whose missing pages
     // the engine alone installs.
     unsafe { uffd.copy(dst, src.as_ptr(), src.len(), wake) }
+}
+
+/// `UFFDIO_COPY` of `len` bytes at `offset` of `src`, a mapping the engine holds
+/// (e.g. a snapshot memory file), straight to the missing pages at `dst`: no staging
+/// copy. A range beyond `src` is refused with `EINVAL` before the kernel is asked.
+pub fn copy_from_mapping(
+    uffd: &Uffd,
+    dst: usize,
+    src: &GuestMapping,
+    offset: usize,
+    len: usize,
+    wake: bool,
+) -> Result<Installed, UffdError> {
+    if offset.checked_add(len).is_none_or(|end| end > src.len()) {
+        return Err(UffdError::Range {
+            op: "UFFDIO_COPY",
+            addr: dst,
+            len,
+            source: std::io::Error::from_raw_os_error(libc::EINVAL),
+        });
+    }
+    // SAFETY: `src` is borrowed, so it stays mapped for the call, and the range
+    // was bounds-checked. The kernel reads it itself (a page it cannot read, e.g.
+    // past the end of a truncated file, fails with EFAULT rather than a signal).
+    // Only the kernel writes `dst`, and only into registered missing pages, as
+    // for `copy_from`.
+    unsafe { uffd.copy(dst, src.as_ptr().add(offset), len, wake) }
 }
 
 /// `UFFDIO_ZEROPAGE` over the missing pages of `dst..dst+len`.

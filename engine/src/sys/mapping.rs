@@ -294,6 +294,17 @@ impl GuestMapping {
     /// snapshot memory file served to a destination. Pages are read from the
     /// page cache on first touch; the mapping never writes the file.
     pub fn map_file(file: &std::fs::File, len: usize) -> Result<GuestMapping, MapError> {
+        Self::map_file_at(file, 0, len)
+    }
+
+    /// Maps `len` bytes of `file` from byte `offset` (4 KiB-aligned), private and
+    /// read-only, like [`GuestMapping::map_file`]: e.g. one region of a snapshot
+    /// memory file that holds several one after the other.
+    pub fn map_file_at(
+        file: &std::fs::File,
+        offset: u64,
+        len: usize,
+    ) -> Result<GuestMapping, MapError> {
         use std::os::fd::AsRawFd;
         if len == 0 || !len.is_multiple_of(PAGE_4K) {
             return Err(MapError::Length {
@@ -301,6 +312,13 @@ impl GuestMapping {
                 page_size: PAGE_4K,
             });
         }
+        let off = libc::off_t::try_from(offset)
+            .ok()
+            .filter(|o| o % 4096 == 0)
+            .ok_or(MapError::Misaligned {
+                addr: usize::try_from(offset).unwrap_or(usize::MAX),
+                page_size: PAGE_4K,
+            })?;
         // SAFETY: a fresh private read-only mapping of a file we hold open, at
         // a kernel-chosen address: it aliases nothing we own, and a private
         // mapping is not changed by this process writing the file.
@@ -311,7 +329,7 @@ impl GuestMapping {
                 libc::PROT_READ,
                 libc::MAP_PRIVATE,
                 file.as_raw_fd(),
-                0,
+                off,
             )
         };
         if p == libc::MAP_FAILED {

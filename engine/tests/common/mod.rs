@@ -101,6 +101,11 @@ impl VmSpec {
     }
 }
 
+/// A tuning override from the environment (for experiments; tests run on defaults).
+pub fn env_u64(name: &str) -> Option<u64> {
+    std::env::var(name).ok().and_then(|v| v.parse().ok())
+}
+
 pub fn mix(mut x: u64) -> u64 {
     x ^= x >> 33;
     x = x.wrapping_mul(0xff51_afd7_ed55_8ccd);
@@ -147,7 +152,17 @@ pub fn source_child_main() {
         .map(|(i, m)| SourceRegion::from_mapping(i as u32 + 1, m).unwrap())
         .collect();
     let key = PresharedKey::new(key.into_bytes()).unwrap();
-    let source = Source::new(regions, SourceConfig::new(key)).unwrap();
+    let mut cfg = SourceConfig::new(key);
+    if let Some(us) = env_u64("RF_SRC_SPIN_US") {
+        cfg.spin = std::time::Duration::from_micros(us);
+    }
+    if let Some(p) = env_u64("RF_PIN") {
+        cfg.pin_workers = p != 0;
+    }
+    if let Some(p) = env_u64("RF_PRIO") {
+        cfg.prioritize_demand = p != 0;
+    }
+    let source = Source::new(regions, cfg).unwrap();
     let listener = PeerAddr::parse("tcp:127.0.0.1:0")
         .unwrap()
         .listen()
