@@ -14,6 +14,7 @@ pub mod bitmap;
 pub mod conn;
 pub mod destination;
 pub mod error;
+pub mod firecracker;
 pub mod handshake;
 pub mod schedule;
 pub mod source;

@@ -24,11 +24,16 @@ struct Case {
     spec: VmSpec,
     channels: u16,
     install: InstallMode,
+    /// Where the source listens (`tcp:127.0.0.1:0` unless a test says otherwise).
+    listen: Option<String>,
+    /// The source sends with io_uring `SENDMSG_ZC` instead of `writev`.
+    zero_copy: bool,
 }
 
 fn migrate(case: Case) -> ringfault_engine::stats::DestinationReport {
     let _g = serial();
-    let src = SourceChild::spawn("source_child", &case.spec, KEY_A);
+    let listen = case.listen.as_deref().unwrap_or("tcp:127.0.0.1:0");
+    let src = SourceChild::spawn_with("source_child", &case.spec, KEY_A, listen, case.zero_copy);
     let mut cfg = DestinationConfig::new(PresharedKey::new(KEY_A.to_vec()).unwrap());
     cfg.bulk_channels = case.channels;
     cfg.install = case.install;
@@ -98,6 +103,8 @@ fn one_channel_copy() {
         spec: dense(256 * MIB, 1),
         channels: 1,
         install: InstallMode::Copy,
+        listen: None,
+        zero_copy: false,
     });
 }
 
@@ -107,6 +114,8 @@ fn four_channels_copy() {
         spec: dense(256 * MIB, 2),
         channels: 4,
         install: InstallMode::Copy,
+        listen: None,
+        zero_copy: false,
     });
     assert_eq!(r.channels.len(), 5, "one demand and four bulk lanes");
     assert!(
@@ -133,6 +142,8 @@ fn move_install() {
         spec: dense(256 * MIB, 3),
         channels: 1,
         install: InstallMode::Move,
+        listen: None,
+        zero_copy: false,
     });
 }
 
@@ -147,6 +158,8 @@ fn sparse_region_sends_little() {
         },
         channels: 1,
         install: InstallMode::Copy,
+        listen: None,
+        zero_copy: false,
     });
     let limit = size as f64 * 0.15;
     assert!(
@@ -167,6 +180,8 @@ fn two_regions_of_different_sizes() {
         },
         channels: 2,
         install: InstallMode::Copy,
+        listen: None,
+        zero_copy: false,
     });
 }
 
@@ -216,4 +231,37 @@ fn wrong_key_fails_on_both_sides_and_installs_nothing() {
         populated.iter().all(|w| *w == 0),
         "no page may be installed"
     );
+}
+
+#[test]
+fn unix_socket_address() {
+    let path = std::env::temp_dir().join(format!("ringfault-test-{}.sock", std::process::id()));
+    let r = migrate(Case {
+        spec: dense(64 * MIB, 7),
+        channels: 2,
+        install: InstallMode::Copy,
+        listen: Some(format!("unix:{}", path.display())),
+        zero_copy: false,
+    });
+    assert_eq!(r.pages_total, (64 * MIB / PAGE) as u64);
+    let _ = std::fs::remove_file(path);
+}
+
+#[test]
+fn zero_copy_sends() {
+    if ringfault_engine::sys::ring::RingFeatures::detect()
+        .and_then(|f| f.require(ringfault_engine::sys::ring::Op::SendMsgZc))
+        .is_err()
+    {
+        eprintln!("SKIPPED zero_copy_sends: io_uring SENDMSG_ZC needs Linux 6.1");
+        return;
+    }
+    let r = migrate(Case {
+        spec: dense(128 * MIB, 8),
+        channels: 2,
+        install: InstallMode::Copy,
+        listen: None,
+        zero_copy: true,
+    });
+    assert_eq!(r.pages_total, (128 * MIB / PAGE) as u64);
 }

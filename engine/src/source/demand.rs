@@ -93,7 +93,7 @@ pub(super) fn run(s: &Session<'_>, mut stream: Stream) -> Result<(), EngineError
                     };
                     frames.clear();
                     frames_for_run(s, region, req.page, 1, 1, req.request_id, &mut frames);
-                    let n = send_frames(s, &stream, &frames)
+                    let n = send_frames(s, &stream, &frames, None)
                         .map_err(|e| EngineError::io("answering a demand request", e))?;
                     SourceCounters::add(&s.counters.wire_bytes, n as u64);
                     count_frames(&s.counters, &frames, true);

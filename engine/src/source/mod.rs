@@ -121,6 +121,9 @@ pub fn page_size_of(bytes: usize) -> Result<PageSize, EngineError> {
 pub enum SendMode {
     /// `writev(2)` with iovecs pointing into guest memory.
     Writev,
+    /// io_uring `SENDMSG_ZC` from guest memory (Linux 6.1): no copy on a real NIC;
+    /// on loopback the kernel copies anyway.
+    ZeroCopy,
 }
 
 /// Source settings.

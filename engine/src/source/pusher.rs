@@ -11,10 +11,11 @@ use std::time::Duration;
 
 use ringfault_proto::{encode_pages_frame, PageKind, PagesHeader, PAGES_FRAME_LEN};
 
-use super::{Session, SourceCounters};
+use super::{SendMode, Session, SourceCounters};
 use crate::addr::Stream;
 use crate::error::EngineError;
 use crate::sys::guest::{send_pieces, Piece};
+use crate::sys::ringio::ZeroCopySender;
 
 /// One frame to send: its header, and where its payload lies in guest memory.
 #[derive(Debug, Clone, Copy)]
@@ -103,11 +104,13 @@ pub(super) fn frames_for_run(
     }
 }
 
-/// Sends planned frames as one vectored write. Returns bytes written.
+/// Sends planned frames as one vectored write (or one zero-copy send, when `zc` is
+/// given). Returns bytes written.
 pub(super) fn send_frames(
     s: &Session<'_>,
     stream: &Stream,
     frames: &[PlannedFrame],
+    zc: Option<&mut ZeroCopySender>,
 ) -> std::io::Result<usize> {
     let headers: Vec<[u8; PAGES_FRAME_LEN]> = frames
         .iter()
@@ -124,7 +127,10 @@ pub(super) fn send_frames(
             });
         }
     }
-    send_pieces(stream.as_fd(), &pieces)
+    match zc {
+        Some(z) => z.send(stream.as_fd(), &pieces),
+        None => send_pieces(stream.as_fd(), &pieces),
+    }
 }
 
 /// Counts what a batch of frames carried.
@@ -160,6 +166,12 @@ pub(super) fn run(s: &Session<'_>, stream: Stream, channel: u16) -> Result<(), E
         .unwrap_or(4096);
     let batch_pages = (s.cfg.batch_bytes as u64 / ps_min).max(1);
     let mut frames = Vec::new();
+    let mut zc = match s.cfg.send {
+        SendMode::Writev => None,
+        SendMode::ZeroCopy => Some(ZeroCopySender::new().map_err(|e| {
+            EngineError::io("zero-copy sends need io_uring SENDMSG_ZC (Linux 6.1)", e)
+        })?),
+    };
     loop {
         // Acquire: pairs with the Release stores that end the session.
         if s.done.load(Ordering::Acquire) || s.completing.load(Ordering::Acquire) {
@@ -184,10 +196,17 @@ pub(super) fn run(s: &Session<'_>, stream: Stream, channel: u16) -> Result<(), E
                 &mut frames,
             );
         }
-        let n = send_frames(s, &stream, &frames)
+        let n = send_frames(s, &stream, &frames, zc.as_mut())
             .map_err(|e| EngineError::io(format!("sending bulk pages on channel {channel}"), e))?;
         SourceCounters::add(&s.counters.wire_bytes, n as u64);
         count_frames(&s.counters, &frames, false);
+    }
+    if let Some(z) = &zc {
+        tracing::info!(
+            "bulk channel {channel}: {} zero-copy sends, {} of them copied by the kernel",
+            z.sends,
+            z.copied
+        );
     }
     tracing::debug!("bulk channel {channel}: every page sent");
     // Acquire: as above.

@@ -162,11 +162,10 @@ pub enum Piece<'a> {
 /// Most iovecs handed to one `writev` (the kernel's `UIO_MAXIOV` is 1024).
 pub const MAX_IOV: usize = 1024;
 
-/// Writes every piece, in order, to `fd` with as few `writev(2)` calls as possible,
-/// straight from guest memory. Blocks until all is written (a blocking socket), or
-/// fails with the socket's error.
-pub fn send_pieces(fd: BorrowedFd<'_>, pieces: &[Piece<'_>]) -> io::Result<usize> {
-    let mut iov: Vec<libc::iovec> = Vec::with_capacity(pieces.len().min(MAX_IOV));
+/// The iovecs of `pieces`, empty pieces left out, guest ranges bounds-checked.
+pub(crate) fn iovecs(pieces: &[Piece<'_>], out: &mut Vec<libc::iovec>) -> io::Result<usize> {
+    out.clear();
+    let mut total = 0usize;
     for p in pieces {
         let (base, len) = match *p {
             Piece::Bytes(b) => (b.as_ptr() as usize, b.len()),
@@ -176,13 +175,37 @@ pub fn send_pieces(fd: BorrowedFd<'_>, pieces: &[Piece<'_>]) -> io::Result<usize
             }
         };
         if len > 0 {
-            iov.push(libc::iovec {
+            out.push(libc::iovec {
                 iov_base: base as *mut libc::c_void,
                 iov_len: len,
             });
+            total += len;
         }
     }
-    let total: usize = iov.iter().map(|v| v.iov_len).sum();
+    Ok(total)
+}
+
+/// Drops the first `n` bytes of `iov[*start..]`, advancing `start`.
+pub(crate) fn advance(iov: &mut [libc::iovec], start: &mut usize, mut n: usize) {
+    while n > 0 && *start < iov.len() {
+        let v = &mut iov[*start];
+        if n >= v.iov_len {
+            n -= v.iov_len;
+            *start += 1;
+        } else {
+            v.iov_base = (v.iov_base as usize + n) as *mut libc::c_void;
+            v.iov_len -= n;
+            n = 0;
+        }
+    }
+}
+
+/// Writes every piece, in order, to `fd` with as few `writev(2)` calls as possible,
+/// straight from guest memory. Blocks until all is written (a blocking socket), or
+/// fails with the socket's error.
+pub fn send_pieces(fd: BorrowedFd<'_>, pieces: &[Piece<'_>]) -> io::Result<usize> {
+    let mut iov: Vec<libc::iovec> = Vec::with_capacity(pieces.len().min(MAX_IOV));
+    let total = iovecs(pieces, &mut iov)?;
     let mut start = 0usize;
     let mut sent = 0usize;
     while start < iov.len() {
@@ -203,7 +226,7 @@ pub fn send_pieces(fd: BorrowedFd<'_>, pieces: &[Piece<'_>]) -> io::Result<usize
             }
             return Err(e);
         }
-        let mut n = usize::try_from(n).unwrap_or(0);
+        let n = usize::try_from(n).unwrap_or(0);
         if n == 0 {
             return Err(io::Error::new(
                 io::ErrorKind::WriteZero,
@@ -211,17 +234,7 @@ pub fn send_pieces(fd: BorrowedFd<'_>, pieces: &[Piece<'_>]) -> io::Result<usize
             ));
         }
         sent += n;
-        while n > 0 && start < iov.len() {
-            let v = &mut iov[start];
-            if n >= v.iov_len {
-                n -= v.iov_len;
-                start += 1;
-            } else {
-                v.iov_base = (v.iov_base as usize + n) as *mut libc::c_void;
-                v.iov_len -= n;
-                n = 0;
-            }
-        }
+        advance(&mut iov, &mut start, n);
     }
     debug_assert_eq!(sent, total);
     Ok(sent)

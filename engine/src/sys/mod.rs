@@ -8,6 +8,7 @@
 //! * [`guest`]: guest memory as raw areas, and vectored sends straight from it.
 //! * [`install`]: safe COPY/ZEROPAGE/MOVE installs from buffers the engine owns.
 //! * [`ringio`]: safe io_uring receives into registered buffers, and polls.
+//! * [`scm`]: passing descriptors over Unix sockets (`SCM_RIGHTS`), `SO_PEERCRED`.
 
 pub mod affinity;
 pub mod guest;
@@ -16,4 +17,5 @@ pub mod mapping;
 pub mod pagemap;
 pub mod ring;
 pub mod ringio;
+pub mod scm;
 pub mod uffd;

@@ -275,6 +275,8 @@ pub struct RingFeatures {
     pub recv: bool,
     /// `IORING_OP_SEND_ZC` (6.0).
     pub send_zc: bool,
+    /// `IORING_OP_SENDMSG_ZC` (6.1).
+    pub sendmsg_zc: bool,
 }
 
 /// An opcode the engine may require, for [`RingFeatures::require`].
@@ -304,6 +306,8 @@ pub enum Op {
     Recv,
     /// `SEND_ZC`.
     SendZc,
+    /// `SENDMSG_ZC`.
+    SendMsgZc,
 }
 
 impl RingFeatures {
@@ -321,6 +325,7 @@ impl RingFeatures {
             send: p.is_supported(opcode::Send::CODE),
             recv: p.is_supported(opcode::Recv::CODE),
             send_zc: p.is_supported(opcode::SendZc::CODE),
+            sendmsg_zc: p.is_supported(opcode::SendMsgZc::CODE),
         }
     }
 
@@ -344,6 +349,7 @@ impl RingFeatures {
             Op::Send => (self.send, "SEND", "Linux 5.6"),
             Op::Recv => (self.recv, "RECV", "Linux 5.6"),
             Op::SendZc => (self.send_zc, "SEND_ZC", "Linux 6.0"),
+            Op::SendMsgZc => (self.sendmsg_zc, "SENDMSG_ZC", "Linux 6.1"),
         };
         if have {
             Ok(())

@@ -10,8 +10,15 @@
 //!   `IORING_OP_POLL_ADD` (5.1) and a `TIMEOUT` (5.4); a poll stays armed across
 //!   calls until it fires, so waiting again costs no new submission.
 //!
-//! Hazard: every operation is submitted and reaped within one call, so no buffer is
-//! ever borrowed while the kernel may still write it.
+//! - [`ZeroCopySender`]: sends frames straight from guest memory with
+//!   `IORING_OP_SENDMSG_ZC` (Linux 6.1): the kernel pins the pages instead of copying
+//!   them, and posts a notification once the NIC is done with them. On loopback the
+//!   kernel copies anyway and every notification says so (LIMITS.md); it exists to be
+//!   judged on a real NIC, behind `SendMode::ZeroCopy`.
+//!
+//! Hazard: every operation is submitted and reaped within one call (a zero-copy send
+//! waits for its buffer notifications too), so no buffer is ever borrowed while the
+//! kernel may still read or write it.
 
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
@@ -19,6 +26,7 @@ use std::time::Duration;
 
 use io_uring::{opcode, types};
 
+use super::guest::{advance, iovecs, Piece};
 use super::mapping::AlignedBuf;
 use super::ring::{Ring, RingError};
 
@@ -198,5 +206,111 @@ impl Waiter {
             }
         }
         Ok(())
+    }
+}
+
+/// `IORING_NOTIF_USAGE_ZC_COPIED`: the notification says the kernel copied after all.
+const ZC_COPIED: i32 = i32::MIN;
+
+/// Zero-copy vectored sends through io_uring.
+#[derive(Debug)]
+pub struct ZeroCopySender {
+    ring: Ring,
+    iov: Vec<libc::iovec>,
+    /// Sends whose notification said the kernel copied the data after all.
+    pub copied: u64,
+    /// Sends in all.
+    pub sends: u64,
+}
+
+impl ZeroCopySender {
+    /// A sender with its own ring. Fails with a typed error before Linux 6.1.
+    pub fn new() -> io::Result<ZeroCopySender> {
+        let ring = Ring::new(16).map_err(ring_io)?;
+        ring.probe()
+            .require(super::ring::Op::SendMsgZc)
+            .map_err(ring_io)?;
+        Ok(ZeroCopySender {
+            ring,
+            iov: Vec::new(),
+            copied: 0,
+            sends: 0,
+        })
+    }
+
+    fn note(&mut self, result: i32) {
+        if result & ZC_COPIED != 0 {
+            self.copied += 1;
+        }
+    }
+
+    /// Sends every piece, in order; returns once every byte is sent and the kernel
+    /// has released every page it pinned.
+    pub fn send(&mut self, fd: BorrowedFd<'_>, pieces: &[Piece<'_>]) -> io::Result<usize> {
+        let total = iovecs(pieces, &mut self.iov)?;
+        let mut start = 0usize;
+        let mut sent = 0usize;
+        let mut notifications = 0usize;
+        while sent < total {
+            let end = (start + super::guest::MAX_IOV).min(self.iov.len());
+            // SAFETY: an all-zero msghdr is valid (no name, no control data).
+            let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+            msg.msg_iov = self.iov[start..end].as_mut_ptr();
+            msg.msg_iovlen = end - start;
+            let entry = opcode::SendMsgZc::new(types::Fd(fd.as_raw_fd()), &msg)
+                .build()
+                .user_data(1);
+            // SAFETY: `msg` and the iovecs it points to live until the result
+            // completion is reaped below; the memory they describe (the caller's
+            // headers, guest memory kept mapped by its owner) until every
+            // notification is, before this function returns.
+            unsafe { self.ring.push(entry) }.map_err(ring_io)?;
+            let mut result = None;
+            while result.is_none() {
+                self.ring.submit_and_wait(1).map_err(ring_io)?;
+                let done: Vec<_> = self.ring.completions_full().collect();
+                for c in done {
+                    if c.notif() {
+                        notifications = notifications.saturating_sub(1);
+                        self.note(c.result);
+                    } else {
+                        if c.more() {
+                            notifications += 1;
+                        }
+                        result = Some(c.result);
+                    }
+                }
+            }
+            self.sends += 1;
+            let res = result.unwrap_or(0);
+            if res < 0 {
+                let e = io::Error::from_raw_os_error(-res);
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::Interrupted | io::ErrorKind::WouldBlock
+                ) {
+                    continue;
+                }
+                return Err(e);
+            }
+            let n = usize::try_from(res).unwrap_or(0);
+            if n == 0 {
+                return Err(io::Error::new(
+                    io::ErrorKind::WriteZero,
+                    "socket accepted no bytes",
+                ));
+            }
+            sent += n;
+            advance(&mut self.iov, &mut start, n);
+        }
+        while notifications > 0 {
+            self.ring.submit_and_wait(1).map_err(ring_io)?;
+            let done: Vec<_> = self.ring.completions_full().collect();
+            for c in done.into_iter().filter(|c| c.notif()) {
+                notifications -= 1;
+                self.note(c.result);
+            }
+        }
+        Ok(sent)
     }
 }

@@ -162,11 +162,12 @@ pub fn source_child_main() {
     if let Some(p) = env_u64("RF_PRIO") {
         cfg.prioritize_demand = p != 0;
     }
+    if std::env::var("RF_SEND").as_deref() == Ok("zerocopy") {
+        cfg.send = ringfault_engine::source::SendMode::ZeroCopy;
+    }
     let source = Source::new(regions, cfg).unwrap();
-    let listener = PeerAddr::parse("tcp:127.0.0.1:0")
-        .unwrap()
-        .listen()
-        .unwrap();
+    let listen_on = std::env::var("RF_SOURCE_LISTEN").unwrap_or_else(|_| "tcp:127.0.0.1:0".into());
+    let listener = PeerAddr::parse(&listen_on).unwrap().listen().unwrap();
     println!("READY {}", listener.local_addr().unwrap());
     match source.serve(&listener) {
         Ok(report) => {
@@ -195,9 +196,25 @@ pub struct SourceChild {
 
 impl SourceChild {
     pub fn spawn(test_name: &str, spec: &VmSpec, key: &[u8]) -> SourceChild {
+        Self::spawn_on(test_name, spec, key, "tcp:127.0.0.1:0")
+    }
+
+    pub fn spawn_on(test_name: &str, spec: &VmSpec, key: &[u8], listen: &str) -> SourceChild {
+        Self::spawn_with(test_name, spec, key, listen, false)
+    }
+
+    pub fn spawn_with(
+        test_name: &str,
+        spec: &VmSpec,
+        key: &[u8],
+        listen: &str,
+        zero_copy: bool,
+    ) -> SourceChild {
         #[allow(clippy::zombie_processes)] // waited for in `finish`
         let mut child = Command::new(std::env::current_exe().unwrap())
             .args(["--exact", test_name, "--nocapture", "--test-threads=1"])
+            .env("RF_SOURCE_LISTEN", listen)
+            .env("RF_SEND", if zero_copy { "zerocopy" } else { "writev" })
             .env("RF_SOURCE_SPEC", spec.encode())
             .env("RF_SOURCE_KEY", std::str::from_utf8(key).unwrap())
             .stdout(Stdio::piped())
