@@ -179,6 +179,10 @@ impl FaultWorker<'_, '_> {
     /// True if events may still be waiting (events were queued by an install's
     /// `EAGAIN` handling meanwhile).
     fn read_faults(&mut self) -> Result<bool, EngineError> {
+        // Exclusive: no install may run between reading a REMOVE and marking its
+        // range (see `RemoveGate`).
+        let gate = self.sh.gate;
+        let _g = gate.map(|g| g.exclusive());
         while let Some(ev) = self.backlog.pop_front() {
             self.handle(ev)?;
         }
@@ -377,6 +381,7 @@ impl FaultWorker<'_, '_> {
         let backlog = &mut self.backlog;
         let events = &mut self.events;
         let mut on_again = || {
+            let _g = sh.gate.map(|g| g.exclusive());
             if let Ok(n) = sh.uffd.read_events(events) {
                 for m in events.iter().take(n) {
                     let ev = m.parse();

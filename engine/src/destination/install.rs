@@ -66,6 +66,45 @@ pub struct Installer<'a> {
     pub present: &'a AtomicBitmap,
     /// Statistics.
     pub counters: &'a Counters,
+    /// Set when the userfaultfd may deliver REMOVE events (a VMM's, e.g. with a
+    /// balloon): see [`RemoveGate`].
+    pub gate: Option<&'a RemoveGate>,
+}
+
+/// Orders installs against REMOVE events, for a userfaultfd that delivers them.
+///
+/// The hazard: a lane checks that page P is absent, then installs it. If between the
+/// two a balloon's `MADV_DONTNEED` on P is queued, read, and its zap completes, the
+/// install lands after the zap and P holds the source's stale bytes where the guest
+/// must read zeros. The kernel only refuses installs (`EAGAIN`) while the REMOVE
+/// event is queued and unread.
+///
+/// So every install holds the gate shared from its present-bit check to the end of
+/// its ioctl, and the fault worker holds it exclusive from before it reads events
+/// until it has marked removed ranges present. An install either ends before the
+/// event is read (the zap then removes what it installed), or starts after the
+/// marking (and skips the page), or runs while the event is queued (and gets
+/// `EAGAIN`, then re-checks). Installs under the gate are at most [`GATED_CHUNK`]
+/// bytes, so the fault worker never waits long for the gate.
+#[derive(Debug, Default)]
+pub struct RemoveGate(std::sync::RwLock<()>);
+
+/// Largest single install while a [`RemoveGate`] is in use.
+pub const GATED_CHUNK: usize = 64 * 1024;
+
+impl RemoveGate {
+    /// Held by an install, from its check to the end of its ioctl.
+    pub fn shared(&self) -> std::sync::RwLockReadGuard<'_, ()> {
+        self.0
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+    /// Held by the fault worker while it reads and applies events.
+    pub fn exclusive(&self) -> std::sync::RwLockWriteGuard<'_, ()> {
+        self.0
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
 }
 
 impl Installer<'_> {
@@ -97,14 +136,20 @@ impl Installer<'_> {
         // REMOVE event may have changed what is wanted) never installs stale data
         // over a page that was resolved meanwhile.
         while p < count {
+            let guard = self.gate.map(RemoveGate::shared);
             let g = r.first_global + first + p;
             if self.present.is_set(g) {
                 out.duplicates += 1;
                 p += 1;
                 continue;
             }
+            let max_run = if guard.is_some() {
+                (GATED_CHUNK / ps).max(1) as u64
+            } else {
+                u64::MAX
+            };
             let mut n = 1;
-            while p + n < count && !self.present.is_set(g + n) {
+            while p + n < count && n < max_run && !self.present.is_set(g + n) {
                 n += 1;
             }
             let off = to_usize(p)? * ps;
@@ -120,6 +165,7 @@ impl Installer<'_> {
                 Payload::Move(buf, base) => move_from(self.uffd, dst, buf, *base + off, len)?,
                 Payload::Zero => zero(self.uffd, dst, len, true)?,
             };
+            drop(guard);
             let installed = match res {
                 Installed::Done(b) | Installed::Again { done: b } => (b / ps) as u64,
                 Installed::Exists => {

@@ -140,6 +140,8 @@ pub struct Destination {
     bulk: Vec<Stream>,
     present: Arc<AtomicBitmap>,
     started: Instant,
+    /// The userfaultfd came from a VMM and may deliver REMOVE events.
+    guard_removes: bool,
 }
 
 impl Destination {
@@ -206,7 +208,10 @@ impl Destination {
             destination_handshake(&mut s, &cfg.key, id, session, false)?;
             bulk.push(s);
         }
+        // Our own mappings never see a balloon; a VMM's userfaultfd may.
+        let guard_removes = mappings.is_empty();
         Ok(Destination {
+            guard_removes,
             cfg,
             session,
             layout,
@@ -266,7 +271,9 @@ impl Destination {
             bulk,
             present,
             started,
+            guard_removes,
         } = self;
+        let gate = install::RemoveGate::default();
         let counters = Counters::default();
         let finished = AtomicBool::new(false);
         let failed: Mutex<Option<EngineError>> = Mutex::new(None);
@@ -287,6 +294,7 @@ impl Destination {
             finished: &finished,
             notifier: &notifier,
             started,
+            gate: guard_removes.then_some(&gate),
         };
         let fail = |e: EngineError| {
             if let Ok(mut f) = failed.lock() {
@@ -304,23 +312,32 @@ impl Destination {
             let bulk_handles: Vec<_> = bulk
                 .into_iter()
                 .enumerate()
-                .map(|(i, s)| {
+                .filter_map(|(i, s)| {
                     let sh = &shared;
                     let fail = &fail;
                     let ch = u16::try_from(i + 1).unwrap_or(u16::MAX);
-                    scope.spawn(move || {
-                        let r = bulk::run(sh, s, ch);
-                        match r {
-                            Ok(rep) => Some(rep),
-                            Err(e) => {
-                                // Acquire: pairs with the fault worker's Release store.
-                                if !sh.finished.load(Ordering::Acquire) {
-                                    fail(e);
+                    let spawned = std::thread::Builder::new()
+                        .name(format!("rf-bulk{ch}"))
+                        .spawn_scoped(scope, move || {
+                            let r = bulk::run(sh, s, ch);
+                            match r {
+                                Ok(rep) => Some(rep),
+                                Err(e) => {
+                                    // Acquire: pairs with the fault worker's Release store.
+                                    if !sh.finished.load(Ordering::Acquire) {
+                                        fail(e);
+                                    }
+                                    None
                                 }
-                                None
                             }
+                        });
+                    match spawned {
+                        Ok(h) => Some(h),
+                        Err(e) => {
+                            fail(EngineError::io("starting a bulk worker", e));
+                            None
                         }
-                    })
+                    }
                 })
                 .collect();
             let fault_result = fault::run(&shared, demand);
@@ -388,6 +405,8 @@ pub(crate) struct Shared<'a> {
     pub finished: &'a AtomicBool,
     pub notifier: &'a fault::Notifier,
     pub started: Instant,
+    /// Orders installs against REMOVE events (attached userfaultfds only).
+    pub gate: Option<&'a install::RemoveGate>,
 }
 
 impl Shared<'_> {
@@ -397,6 +416,7 @@ impl Shared<'_> {
             regions: self.regions,
             present: self.present,
             counters: self.counters,
+            gate: self.gate,
         }
     }
 }

@@ -327,11 +327,19 @@ impl Source {
                 let s = &session;
                 match hello.lane {
                     Lane::Demand if demand_handle.is_none() => {
-                        demand_handle = Some(scope.spawn(move || demand::run(s, stream)));
+                        let h = std::thread::Builder::new()
+                            .name("rf-src-demand".into())
+                            .spawn_scoped(scope, move || demand::run(s, stream))
+                            .map_err(|e| EngineError::io("starting the demand thread", e))?;
+                        demand_handle = Some(h);
                     }
                     Lane::Bulk => {
                         let ch = hello.channel;
-                        pushers.push(scope.spawn(move || pusher::run(s, stream, ch)));
+                        let h = std::thread::Builder::new()
+                            .name(format!("rf-src-push{ch}"))
+                            .spawn_scoped(scope, move || pusher::run(s, stream, ch))
+                            .map_err(|e| EngineError::io("starting a pusher", e))?;
+                        pushers.push(h);
                     }
                     _ => {
                         tracing::warn!("refused a second demand lane or unknown lane");
