@@ -152,7 +152,7 @@ impl SourceConfig {
     pub fn new(key: PresharedKey) -> SourceConfig {
         SourceConfig {
             key,
-            frame_pages: 64,
+            frame_pages: 256,
             batch_bytes: 2 << 20,
             spin: Duration::ZERO,
             pin_workers: true,
