@@ -27,6 +27,9 @@ enum Command {
     Bench(bench::Args),
     /// Serve a Firecracker VM's page faults, from a memory file or a remote source.
     UffdHandler(uffd_handler::Args),
+    /// One process of a benchmark run (started by `bench`).
+    #[command(hide = true)]
+    BenchChild(bench::ChildArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -43,6 +46,7 @@ fn main() -> std::process::ExitCode {
         Command::Receive(a) => receive::run(a),
         Command::Bench(a) => bench::run(a),
         Command::UffdHandler(a) => uffd_handler::run(a),
+        Command::BenchChild(a) => bench::child::run(a),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

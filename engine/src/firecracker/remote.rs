@@ -89,6 +89,13 @@ pub fn serve_remote(
         let ready = wait_readable(&[stream.as_fd()], WATCH_MS)
             .map_err(|e| FirecrackerError::io("watching Firecracker's socket", e))?;
         if ready[0] && peer_gone(&stream) {
+            // A migration that just completed may not have reported yet: give it a
+            // moment, so that the statistics say so (well inside the 1 s exit budget).
+            if running {
+                if let Ok(Ok(report)) = rx.recv_timeout(std::time::Duration::from_millis(200)) {
+                    stats.set_engine_report(report);
+                }
+            }
             return Ok(Ended::PeerGone);
         }
         if !running {

@@ -1,0 +1,292 @@
+//! The synthetic VM: one region of guest memory whose pages are a pure function
+//! of (seed, page), so both ends agree on every byte without sending it; and
+//! per-page digests that prove, at the end, that both ends hold the same bytes.
+//!
+//! A page is *unpopulated* (never touched, so the source's page map says so and the
+//! engine sends a range, not data), *zero* (touched but all zero, about 2% of
+//! populated pages), or *data* (pseudo-random bytes).
+
+use std::sync::Arc;
+
+use anyhow::Context;
+use ringfault_engine::sys::guest::GuestArea;
+use ringfault_engine::sys::mapping::{GuestMapping, MapOptions};
+use serde::{Deserialize, Serialize};
+
+/// Bytes per page (the synthetic VM uses 4 KiB pages).
+pub const PAGE: usize = 4096;
+/// Pages per verification chunk (1 MiB).
+pub const CHUNK_PAGES: u64 = 256;
+
+/// The recipe of a synthetic VM.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq)]
+pub struct VmSpec {
+    /// Bytes of guest memory (a multiple of [`PAGE`]).
+    pub size: u64,
+    /// Fraction of pages ever populated.
+    pub populated: f64,
+    /// Seed of the page contents and of the workload.
+    pub seed: u64,
+}
+
+/// What a page holds at the start.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PageClass {
+    /// Pseudo-random bytes.
+    Data,
+    /// Touched, all zero.
+    Zero,
+    /// Never touched.
+    Unpopulated,
+}
+
+/// A 64-bit finaliser (SplitMix64's).
+pub fn mix(mut x: u64) -> u64 {
+    x ^= x >> 30;
+    x = x.wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    x ^= x >> 27;
+    x = x.wrapping_mul(0x94d0_49bb_1331_11eb);
+    x ^ (x >> 31)
+}
+
+impl VmSpec {
+    /// Pages in the VM.
+    pub fn pages(&self) -> u64 {
+        self.size / PAGE as u64
+    }
+
+    /// Populated share in parts per million.
+    fn populated_ppm(&self) -> u64 {
+        // The value is checked to lie in 0..=1, so the product is in 0..=1e6.
+        #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+        let ppm = (self.populated.clamp(0.0, 1.0) * 1_000_000.0).round() as u64;
+        ppm
+    }
+
+    /// The class of `page`.
+    pub fn class(&self, page: u64) -> PageClass {
+        let h = mix(self.seed ^ page.wrapping_mul(0x9e37_79b9_7f4a_7c15));
+        if h % 1_000_000 >= self.populated_ppm() {
+            PageClass::Unpopulated
+        } else if (h >> 32).is_multiple_of(50) {
+            PageClass::Zero
+        } else {
+            PageClass::Data
+        }
+    }
+
+    /// The initial bytes of `page`.
+    pub fn fill(&self, page: u64, out: &mut [u8]) {
+        match self.class(page) {
+            PageClass::Data => {
+                let mut x = mix(self.seed.wrapping_add(1) ^ page) | 1;
+                for chunk in out.chunks_exact_mut(8) {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    chunk.copy_from_slice(&x.to_le_bytes());
+                }
+            }
+            _ => out.fill(0),
+        }
+    }
+
+    /// Checks the size.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        if self.size == 0 || !self.size.is_multiple_of(PAGE as u64) {
+            anyhow::bail!("the VM size must be a non-zero multiple of 4 KiB");
+        }
+        usize::try_from(self.size).context("the VM size does not fit in memory")?;
+        Ok(())
+    }
+
+    /// Maps and fills the source's memory with `threads` threads: every populated
+    /// page is written (zero pages with zeros), unpopulated pages are left alone.
+    pub fn build(&self, threads: usize) -> anyhow::Result<Arc<GuestMapping>> {
+        self.validate()?;
+        let len = usize::try_from(self.size)?;
+        let m = Arc::new(
+            GuestMapping::anonymous(len, PAGE, MapOptions::default())
+                .context("mapping the synthetic VM's memory")?,
+        );
+        let pages = self.pages();
+        let threads = u64::try_from(threads.max(1))?;
+        let per = pages.div_ceil(threads);
+        std::thread::scope(|s| -> anyhow::Result<()> {
+            let hs: Vec<_> = (0..threads)
+                .map(|t| {
+                    let m = &m;
+                    s.spawn(move || -> anyhow::Result<()> {
+                        let mut buf = vec![0u8; PAGE];
+                        for p in (t * per)..((t + 1) * per).min(pages) {
+                            if self.class(p) == PageClass::Unpopulated {
+                                continue;
+                            }
+                            self.fill(p, &mut buf);
+                            m.write_from(page_offset(p)?, &buf)?;
+                        }
+                        Ok(())
+                    })
+                })
+                .collect();
+            for h in hs {
+                h.join()
+                    .map_err(|_| anyhow::anyhow!("a fill thread panicked"))??;
+            }
+            Ok(())
+        })?;
+        Ok(m)
+    }
+}
+
+/// Byte offset of a page.
+pub fn page_offset(page: u64) -> anyhow::Result<usize> {
+    Ok(usize::try_from(page)? * PAGE)
+}
+
+/// Guest memory as the workload and the verifier reach it: never as a slice.
+pub trait GuestMem: Send + Sync {
+    /// Reads the u64 at `off`.
+    fn load(&self, off: usize) -> u64;
+    /// Writes the u64 at `off` (a guest store).
+    fn store(&self, off: usize, v: u64);
+    /// Copies `buf.len()` bytes at `off` out.
+    fn read(&self, off: usize, buf: &mut [u8]);
+}
+
+impl GuestMem for GuestArea {
+    fn load(&self, off: usize) -> u64 {
+        self.read_u64(off).unwrap_or(0)
+    }
+    fn store(&self, off: usize, v: u64) {
+        let _ = self.write_u64(off, v);
+    }
+    fn read(&self, off: usize, buf: &mut [u8]) {
+        let _ = GuestArea::read(self, off, buf);
+    }
+}
+
+impl GuestMem for GuestMapping {
+    fn load(&self, off: usize) -> u64 {
+        let mut b = [0u8; 8];
+        let _ = self.read_page_into(off, &mut b);
+        u64::from_le_bytes(b)
+    }
+    fn store(&self, off: usize, v: u64) {
+        let _ = self.write_from(off, &v.to_le_bytes());
+    }
+    fn read(&self, off: usize, buf: &mut [u8]) {
+        let _ = self.read_page_into(off, buf);
+    }
+}
+
+/// A fast 64-bit hash of one page (four independent lanes, then mixed).
+pub fn page_hash(buf: &[u8]) -> u64 {
+    let mut lanes = [
+        0x243f_6a88_85a3_08d3u64,
+        0x1319_8a2e_0370_7344,
+        0xa409_3822_299f_31d0,
+        0x082e_fa98_ec4e_6c89,
+    ];
+    for block in buf.chunks_exact(32) {
+        for (i, lane) in lanes.iter_mut().enumerate() {
+            let mut w = [0u8; 8];
+            w.copy_from_slice(&block[i * 8..i * 8 + 8]);
+            *lane = (*lane ^ u64::from_le_bytes(w)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+            *lane ^= *lane >> 29;
+        }
+    }
+    mix(lanes[0] ^ lanes[1].rotate_left(17) ^ lanes[2].rotate_left(31) ^ lanes[3].rotate_left(47))
+}
+
+/// One digest per [`CHUNK_PAGES`] pages of `mem`, in order. `restore` may patch a
+/// page's bytes before hashing (the destination puts back the words its workload
+/// wrote, so that it hashes the page as it arrived).
+pub fn digests(mem: &dyn GuestMem, pages: u64, restore: &dyn Fn(u64, &mut [u8])) -> Vec<u64> {
+    let mut out = Vec::with_capacity(usize::try_from(pages.div_ceil(CHUNK_PAGES)).unwrap_or(0));
+    let mut buf = vec![0u8; PAGE];
+    let mut d = 0u64;
+    for p in 0..pages {
+        let Ok(off) = page_offset(p) else { break };
+        mem.read(off, &mut buf);
+        restore(p, &mut buf);
+        d = mix(d ^ page_hash(&buf)).wrapping_add(p);
+        if (p + 1) % CHUNK_PAGES == 0 || p + 1 == pages {
+            out.push(d);
+            d = 0;
+        }
+    }
+    out
+}
+
+/// Digests computed by two threads (the work is memory bound).
+pub fn digests_parallel(
+    mem: &dyn GuestMem,
+    pages: u64,
+    restore: &(dyn Fn(u64, &mut [u8]) + Sync),
+) -> Vec<u64> {
+    let chunks = pages.div_ceil(CHUNK_PAGES);
+    let half = chunks / 2;
+    let split = (half * CHUNK_PAGES).min(pages);
+    std::thread::scope(|s| {
+        let second = s.spawn(|| {
+            let mut out = Vec::new();
+            let mut buf = vec![0u8; PAGE];
+            let mut d = 0u64;
+            for p in split..pages {
+                let Ok(off) = page_offset(p) else { break };
+                mem.read(off, &mut buf);
+                restore(p, &mut buf);
+                d = mix(d ^ page_hash(&buf)).wrapping_add(p);
+                if (p + 1) % CHUNK_PAGES == 0 || p + 1 == pages {
+                    out.push(d);
+                    d = 0;
+                }
+            }
+            out
+        });
+        let mut first = digests(mem, split, restore);
+        first.extend(second.join().unwrap_or_default());
+        first
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn classes_follow_the_populated_share() {
+        let spec = VmSpec {
+            size: 4096 * 10_000,
+            populated: 0.25,
+            seed: 7,
+        };
+        let populated = (0..10_000)
+            .filter(|&p| spec.class(p) != PageClass::Unpopulated)
+            .count();
+        assert!((2_200..2_800).contains(&populated), "{populated}");
+        let full = VmSpec {
+            populated: 1.0,
+            ..spec
+        };
+        assert!((0..10_000).all(|p| full.class(p) != PageClass::Unpopulated));
+    }
+
+    #[test]
+    fn digests_see_one_byte() {
+        let spec = VmSpec {
+            size: 4096 * 600,
+            populated: 1.0,
+            seed: 1,
+        };
+        let m = spec.build(2).unwrap();
+        let a = digests_parallel(&*m, spec.pages(), &|_, _| {});
+        assert_eq!(a.len(), 3);
+        assert_eq!(a, digests(&*m, spec.pages(), &|_, _| {}));
+        m.store(4096 * 300 + 5, 1);
+        let b = digests_parallel(&*m, spec.pages(), &|_, _| {});
+        assert_eq!(a[0], b[0]);
+        assert_ne!(a[1], b[1]);
+    }
+}

@@ -1,0 +1,506 @@
+//! Tests of the `ringfault` command as a user runs it: a small benchmark that must
+//! verify and write a valid report, network-namespace runs whose namespaces are
+//! gone afterwards (also when the run fails or is interrupted), netem options that
+//! fail clearly on a kernel without netem, and a hand migration of a memory file
+//! with `serve` and `receive`.
+//!
+//! Tests that need root or iproute2 print why they skip.
+
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+/// One run at a time: each uses both cores.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn bin() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_ringfault"))
+}
+
+fn tmp(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("ringfault-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir.join(name)
+}
+
+/// Why `--netns` cannot run here, if it cannot.
+fn netns_unavailable() -> Option<&'static str> {
+    let uid = Command::new("id").arg("-u").output().ok()?;
+    if String::from_utf8_lossy(&uid.stdout).trim() != "0" {
+        return Some("not root");
+    }
+    match Command::new("ip").arg("-V").output() {
+        Ok(o) if o.status.success() => None,
+        _ => Some("the ip command (iproute2) is missing"),
+    }
+}
+
+fn namespaces_of(pid: u32) -> Vec<String> {
+    let out = Command::new("ip").args(["netns", "list"]).output().unwrap();
+    let prefix = format!("rfb-{pid}-");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| l.starts_with(&prefix))
+        .map(str::to_owned)
+        .collect()
+}
+
+const QUICK: [&str; 6] = ["--warmup", "300ms", "--tail", "200ms", "--quiet", "--size"];
+
+#[test]
+fn small_bench_verifies_and_writes_a_valid_report() {
+    let _g = serial();
+    let json = tmp("small.json");
+    let svg = tmp("small.svg");
+    let out = bin()
+        .arg("bench")
+        .args(QUICK)
+        .args(["64M", "--compare", "classic", "--json"])
+        .arg(&json)
+        .arg("--plot")
+        .arg(&svg)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "bench failed:\n{stdout}\n{stderr}");
+    assert!(
+        stdout.trim_end().ends_with("verified: yes"),
+        "the report must end with `verified: yes`:\n{stdout}"
+    );
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert_eq!(v["verified"], true);
+    for run in ["ringfault", "classic"] {
+        let r = &v[run];
+        assert_eq!(r["verified"], true, "{run}");
+        assert_eq!(r["pages"]["total"], 16384, "{run}");
+        for field in [
+            "total_s",
+            "switchover_pause_ms",
+            "bulk_gbps",
+            "peak_gbps",
+            "transfer_s",
+        ] {
+            assert!(r[field].as_f64().is_some_and(|x| x >= 0.0), "{run}.{field}");
+        }
+        for p in ["p50_us", "p90_us", "p99_us", "p999_us", "max_us"] {
+            assert!(r["fault_latency"][p].is_number(), "{run}.fault_latency.{p}");
+        }
+        for f in ["before", "during", "after", "worst_100ms"] {
+            assert!(r["ops"][f].is_number(), "{run}.ops.{f}");
+        }
+        for f in [
+            "source_s_per_gib",
+            "destination_s_per_gib",
+            "total_s_per_gib",
+        ] {
+            assert!(
+                r["cpu"][f].as_f64().is_some_and(|x| x > 0.0),
+                "{run}.cpu.{f}"
+            );
+        }
+        for f in [
+            "demand",
+            "bulk",
+            "zero",
+            "unpopulated",
+            "duplicate",
+            "faults",
+        ] {
+            assert!(r["pages"][f].is_u64(), "{run}.pages.{f}");
+        }
+        assert!(r["wire_bytes_received"].as_u64().unwrap() >= 64 << 20);
+        assert!(
+            r["pages"]["faults"].as_u64().unwrap() > 0,
+            "the workload must fault"
+        );
+    }
+    assert!(v["ringfault"]["engine_service"]["p50_us"].is_number());
+    assert!(v["link_probe"]["gbps"].as_f64().unwrap() > 0.0);
+    assert!(v["link_probe"]["cpu_s_per_gib"].as_f64().unwrap() > 0.0);
+    let pause = &v["ringfault"]["pause_breakdown"];
+    for f in ["relay_ms", "connect_ms", "resume_ms", "source_scan_ms"] {
+        assert!(pause[f].is_number(), "pause_breakdown.{f}");
+    }
+    assert!(v["ringfault"]["fast_touches"].is_u64());
+    let ratios = v["ratios"].as_array().unwrap();
+    assert!(ratios.iter().any(|r| r["baseline"] == "classic"));
+    assert!(ratios.iter().any(|r| r["baseline"] == "raw-tcp"));
+    let svg = std::fs::read_to_string(&svg).unwrap();
+    assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"));
+}
+
+#[test]
+fn a_unix_socket_run_verifies_and_leaves_no_socket() {
+    let _g = serial();
+    let json = tmp("unix.json");
+    let child = bin()
+        .arg("bench")
+        .args(QUICK)
+        .args(["64M", "--unix", "--compare", "classic", "--json"])
+        .arg(&json)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert_eq!(v["verified"], true);
+    assert_eq!(v["link_probe"]["transport"], "unix");
+    let sock = std::env::temp_dir().join(format!("ringfault-bench-{pid}.sock"));
+    assert!(!sock.exists(), "{} left behind", sock.display());
+}
+
+#[test]
+fn sparse_vm_sends_ranges_not_data() {
+    let _g = serial();
+    let json = tmp("sparse.json");
+    let out = bin()
+        .arg("bench")
+        .args(QUICK)
+        .args([
+            "64M",
+            "--populated",
+            "0.2",
+            "--pattern",
+            "hotset",
+            "--no-probe",
+            "--json",
+        ])
+        .arg(&json)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let r = &v["ringfault"];
+    assert_eq!(r["verified"], true);
+    // Pages the source's workload only read map the shared zero page, which the
+    // page map reports as present: those go as zero pages, the rest as ranges.
+    let p = &r["pages"];
+    assert!(p["unpopulated"].as_u64().unwrap() > 1_000, "{r}");
+    assert!(
+        p["unpopulated"].as_u64().unwrap() + p["zero"].as_u64().unwrap() > 11_000,
+        "{r}"
+    );
+    assert!(r["wire_bytes_received"].as_u64().unwrap() < 30 << 20, "{r}");
+}
+
+#[test]
+fn netns_run_removes_its_namespaces() {
+    if let Some(why) = netns_unavailable() {
+        eprintln!("SKIPPED netns_run_removes_its_namespaces: {why}");
+        return;
+    }
+    let _g = serial();
+    let child = bin()
+        .arg("bench")
+        .args(QUICK)
+        .args(["64M", "--netns", "--rate", "10gbit"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    let out = child.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("verified: yes"), "{stdout}");
+    assert!(namespaces_of(pid).is_empty(), "{:?}", namespaces_of(pid));
+}
+
+#[test]
+fn netem_options_fail_clearly_and_clean_up() {
+    if let Some(why) = netns_unavailable() {
+        eprintln!("SKIPPED netem_options_fail_clearly_and_clean_up: {why}");
+        return;
+    }
+    let _g = serial();
+    let child = bin()
+        .arg("bench")
+        .args(QUICK)
+        .args(["64M", "--netns", "--delay", "1ms", "--no-probe"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    if out.status.success() {
+        eprintln!("SKIPPED netem_options_fail_clearly_and_clean_up: this kernel has netem, so --delay works");
+    } else {
+        assert!(
+            stderr.contains("netem") && stderr.contains("does not have"),
+            "the error must say that netem is missing: {stderr}"
+        );
+        assert_eq!(stderr.trim().lines().count(), 1, "one clear line: {stderr}");
+    }
+    assert!(namespaces_of(pid).is_empty(), "{:?}", namespaces_of(pid));
+    // Without --netns the option is refused outright.
+    let out = bin()
+        .args(["bench", "--size", "64M", "--loss", "1%"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("need --netns"));
+}
+
+#[test]
+fn interrupted_netns_run_removes_its_namespaces() {
+    if let Some(why) = netns_unavailable() {
+        eprintln!("SKIPPED interrupted_netns_run_removes_its_namespaces: {why}");
+        return;
+    }
+    let _g = serial();
+    let child = bin()
+        .args([
+            "bench", "--size", "512M", "--warmup", "5s", "--quiet", "--netns",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    let t0 = Instant::now();
+    while namespaces_of(pid).len() < 2 {
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "namespaces never appeared"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let killed = Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let out = child.wait_with_output().unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("interrupted"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(namespaces_of(pid).is_empty(), "{:?}", namespaces_of(pid));
+}
+
+#[test]
+fn a_netns_run_sweeps_namespaces_left_by_a_killed_run() {
+    if let Some(why) = netns_unavailable() {
+        eprintln!("SKIPPED a_netns_run_sweeps_namespaces_left_by_a_killed_run: {why}");
+        return;
+    }
+    let _g = serial();
+    // A run killed with SIGKILL leaves its namespaces; its PID is gone.
+    let dead = {
+        let mut c = Command::new("true").spawn().unwrap();
+        let pid = c.id();
+        c.wait().unwrap();
+        pid
+    };
+    let stale = format!("rfb-{dead}-src");
+    let made = Command::new("ip")
+        .args(["netns", "add", &stale])
+        .status()
+        .unwrap();
+    assert!(made.success());
+    let out = bin()
+        .arg("bench")
+        .args(QUICK)
+        .args(["64M", "--netns", "--no-probe"])
+        .output()
+        .unwrap();
+    let left = namespaces_of(dead);
+    if !left.is_empty() {
+        let _ = Command::new("ip").args(["netns", "del", &stale]).status();
+    }
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        left.is_empty(),
+        "the stale namespace must be removed: {left:?}"
+    );
+}
+
+#[test]
+fn perf_profiles_post_copy_only_when_asked() {
+    if !Command::new("perf")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success())
+    {
+        eprintln!("SKIPPED perf_profiles_post_copy_only_when_asked: perf is not installed");
+        return;
+    }
+    let _g = serial();
+    let dir = tmp("perf");
+    let out = bin()
+        .arg("bench")
+        .args(QUICK)
+        .args(["64M", "--no-probe", "--perf"])
+        .arg(&dir)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("verified: yes"));
+    let summary = std::fs::read_to_string(dir.join("ringfault.txt")).unwrap();
+    if summary.contains("Samples") {
+        // The source's warm-up workload ran before recording began.
+        assert!(summary.contains("rf-bulk"), "{summary}");
+    } else {
+        eprintln!("perf recorded nothing here (no permission for perf events?): {summary}");
+    }
+}
+
+#[test]
+fn a_vm_larger_than_memory_is_refused_up_front() {
+    let out = bin()
+        .args(["bench", "--size", "64T", "--quiet"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("is available"), "{err}");
+}
+
+#[test]
+fn serve_a_memory_file_and_receive_it() {
+    let _g = serial();
+    let key = tmp("key");
+    std::fs::write(&key, "a-key-of-at-least-sixteen-bytes\n").unwrap();
+    let mem = tmp("mem");
+    let contents: Vec<u8> = (0..8u32 << 20)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13).to_le_bytes()[0])
+        .collect();
+    std::fs::write(&mem, &contents).unwrap();
+    let mut serve = bin()
+        .args(["serve", "--listen", "tcp:127.0.0.1:0", "--memory-file"])
+        .arg(&mem)
+        .arg("--key-file")
+        .arg(&key)
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(serve.stdout.take().unwrap()).lines();
+    let first = lines.next().unwrap().unwrap();
+    let addr = first
+        .strip_prefix("listening on ")
+        .unwrap_or_else(|| panic!("unexpected first line {first:?}"))
+        .to_owned();
+    assert!(addr.starts_with("tcp:127.0.0.1:"), "{addr}");
+    let json = tmp("receive.json");
+    let out = bin()
+        .args([
+            "receive",
+            "--from",
+            &addr,
+            "--channels",
+            "2",
+            "--threads",
+            "1",
+            "--key-file",
+        ])
+        .arg(&key)
+        .arg("--json")
+        .arg(&json)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(serve.wait().unwrap().success());
+    let rest: Vec<String> = lines.map_while(Result::ok).collect();
+    assert!(rest.iter().any(|l| l.starts_with("done:")), "{rest:?}");
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert_eq!(v["pages_total"], 2048);
+}
+
+#[test]
+fn a_wrong_key_fails_with_one_clear_line() {
+    let _g = serial();
+    let (ka, kb) = (tmp("ka"), tmp("kb"));
+    std::fs::write(&ka, "key-number-one-0123456789").unwrap();
+    std::fs::write(&kb, "key-number-two-0123456789").unwrap();
+    let mut serve = bin()
+        .args([
+            "serve",
+            "--listen",
+            "tcp:127.0.0.1:0",
+            "--synthetic",
+            "16M",
+            "--threads",
+            "0",
+            "--key-file",
+        ])
+        .arg(&ka)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(serve.stdout.take().unwrap()).lines();
+    let first = lines.next().unwrap().unwrap();
+    let addr = first.strip_prefix("listening on ").unwrap().to_owned();
+    let out = bin()
+        .args(["receive", "--from", &addr, "--key-file"])
+        .arg(&kb)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.starts_with("ringfault: error:"), "{err}");
+    assert!(err.contains("authentication"), "{err}");
+    let s = serve.wait_with_output().unwrap();
+    assert!(!s.status.success());
+    let serr = String::from_utf8_lossy(&s.stderr);
+    assert!(serr.contains("ringfault: error:"), "{serr}");
+    // A key file that is too short is refused before any connection.
+    std::fs::write(&ka, "short").unwrap();
+    let out = bin()
+        .args([
+            "serve",
+            "--listen",
+            "tcp:127.0.0.1:0",
+            "--synthetic",
+            "16M",
+            "--key-file",
+        ])
+        .arg(&ka)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("key"));
+}
