@@ -134,7 +134,10 @@ pub struct Destination {
     session: SessionId,
     layout: Layout,
     regions: Vec<DestRegion>,
-    mappings: Vec<Arc<GuestMapping>>,
+    /// Guest memory we mapped (empty when attached). Never unmapped: the VM runs
+    /// on it after the migration, for the life of the process, and every
+    /// [`GuestArea`] handed out by [`Destination::regions`] stays valid.
+    mappings: Vec<&'static GuestMapping>,
     uffd: Uffd,
     demand: Stream,
     bulk: Vec<Stream>,
@@ -230,24 +233,25 @@ impl Destination {
         &self.layout
     }
 
-    /// Guest memory, region by region in layout order: what the VM runs on. Reads and
-    /// writes of a page that has not arrived wait until it has.
+    /// Guest memory that the destination mapped itself ([`Destination::connect`]),
+    /// region by region in layout order: what the VM runs on. Reads and writes of a
+    /// page that has not arrived wait until it has. Empty when attached: the VMM's
+    /// regions may live in another process (Firecracker's do), and the VMM already
+    /// holds them.
     pub fn regions(&self) -> Vec<GuestArea> {
-        self.regions
+        self.mappings
             .iter()
-            .map(|r| {
-                // SAFETY: the regions stay mapped while `self` lives, and after a
-                // failed `run` for the life of the process (they are leaked then);
-                // after a successful `run` the caller keeps the mappings through
-                // `into_mappings` or must stop using the areas.
-                unsafe { GuestArea::new(r.base as *const u8, r.len) }
+            .map(|m| {
+                // SAFETY: our own mappings are leaked on purpose (`mappings`), so
+                // they stay mapped for the life of the process.
+                unsafe { GuestArea::new(m.as_ptr(), m.len()) }
             })
             .collect()
     }
 
-    /// The mappings the destination allocated (empty when attached), so that they
-    /// can outlive the run.
-    pub fn mappings(&self) -> Vec<Arc<GuestMapping>> {
+    /// The mappings the destination allocated (empty when attached). They live for
+    /// the rest of the process: the VM runs on them after the migration.
+    pub fn mappings(&self) -> Vec<&'static GuestMapping> {
         self.mappings.clone()
     }
 
@@ -265,7 +269,7 @@ impl Destination {
             session,
             layout,
             regions,
-            mappings,
+            mappings: _,
             uffd,
             demand,
             bulk,
@@ -384,9 +388,6 @@ impl Destination {
                 // Keep the userfaultfd and the memory for the life of the process:
                 // a vCPU blocked on a missing page must wait, not read zeros.
                 std::mem::forget(uffd);
-                for m in mappings {
-                    std::mem::forget(m);
-                }
                 Err(failure.unwrap_or_else(|| EngineError::Protocol("run ended early".into())))
             }
         }
@@ -434,7 +435,7 @@ fn spans(layout: &Layout) -> Vec<(u64, u64)> {
         .collect()
 }
 
-type Memory = (Uffd, Vec<DestRegion>, Vec<Arc<GuestMapping>>);
+type Memory = (Uffd, Vec<DestRegion>, Vec<&'static GuestMapping>);
 
 fn own_memory(layout: &Layout, install: InstallMode) -> Result<Memory, EngineError> {
     let uffd = Uffd::open(UffdOptions {
@@ -477,7 +478,8 @@ fn own_memory(layout: &Layout, install: InstallMode) -> Result<Memory, EngineErr
             first_global: first,
             pages,
         });
-        mappings.push(Arc::new(m));
+        // Leaked on purpose: see `Destination::mappings`.
+        mappings.push(&*Box::leak(Box::new(m)));
     }
     Ok((uffd, regions, mappings))
 }
