@@ -68,37 +68,9 @@ impl GuestArea {
         if self.check(offset, len).is_err() {
             return false;
         }
-        let start = self.base + offset;
-        let mut p = start;
-        let end = start + len;
-        while p < end && !p.is_multiple_of(8) {
-            // SAFETY: `p` lies inside the area, which the constructor's contract keeps
-            // mapped; a volatile read never creates a reference.
-            if unsafe { std::ptr::read_volatile(p as *const u8) } != 0 {
-                return false;
-            }
-            p += 1;
-        }
-        while p + 64 <= end {
-            let w = p as *const u64;
-            let mut acc = 0u64;
-            for i in 0..8 {
-                // SAFETY: `w.add(i)` is 8-aligned and inside the area (p + 64 <= end).
-                acc |= unsafe { std::ptr::read_volatile(w.add(i)) };
-            }
-            if acc != 0 {
-                return false;
-            }
-            p += 64;
-        }
-        while p < end {
-            // SAFETY: inside the area, as above.
-            if unsafe { std::ptr::read_volatile(p as *const u8) } != 0 {
-                return false;
-            }
-            p += 1;
-        }
-        true
+        // SAFETY: the range is inside the area (checked), which the constructor's
+        // contract keeps mapped and readable; the scan uses volatile reads only.
+        unsafe { super::mapping::is_zero_raw((self.base + offset) as *const u8, len) }
     }
 
     /// Copies `dst.len()` bytes at `offset` out of guest memory.

@@ -472,7 +472,7 @@ impl GuestMapping {
 /// # Safety
 ///
 /// `p..p + len` must be readable.
-unsafe fn is_zero_raw(p: *const u8, len: usize) -> bool {
+pub(crate) unsafe fn is_zero_raw(p: *const u8, len: usize) -> bool {
     let head = p.align_offset(8).min(len);
     for i in 0..head {
         // SAFETY: i < len, readable per the caller.
