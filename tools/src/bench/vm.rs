@@ -203,15 +203,27 @@ pub fn page_hash(buf: &[u8]) -> u64 {
 /// page's bytes before hashing (the destination puts back the words its workload
 /// wrote, so that it hashes the page as it arrived).
 pub fn digests(mem: &dyn GuestMem, pages: u64, restore: &dyn Fn(u64, &mut [u8])) -> Vec<u64> {
-    let mut out = Vec::with_capacity(usize::try_from(pages.div_ceil(CHUNK_PAGES)).unwrap_or(0));
+    digests_of(mem, 0, pages, restore)
+}
+
+/// The digests of pages `first..end`, where `first` starts a chunk; a chunk ends
+/// every [`CHUNK_PAGES`] pages and at `end`.
+fn digests_of(
+    mem: &dyn GuestMem,
+    first: u64,
+    end: u64,
+    restore: &dyn Fn(u64, &mut [u8]),
+) -> Vec<u64> {
+    let chunks = end.saturating_sub(first).div_ceil(CHUNK_PAGES);
+    let mut out = Vec::with_capacity(usize::try_from(chunks).unwrap_or(0));
     let mut buf = vec![0u8; PAGE];
     let mut d = 0u64;
-    for p in 0..pages {
+    for p in first..end {
         let Ok(off) = page_offset(p) else { break };
         mem.read(off, &mut buf);
         restore(p, &mut buf);
         d = mix(d ^ page_hash(&buf)).wrapping_add(p);
-        if (p + 1) % CHUNK_PAGES == 0 || p + 1 == pages {
+        if (p + 1) % CHUNK_PAGES == 0 || p + 1 == end {
             out.push(d);
             d = 0;
         }
@@ -229,22 +241,7 @@ pub fn digests_parallel(
     let half = chunks / 2;
     let split = (half * CHUNK_PAGES).min(pages);
     std::thread::scope(|s| {
-        let second = s.spawn(|| {
-            let mut out = Vec::new();
-            let mut buf = vec![0u8; PAGE];
-            let mut d = 0u64;
-            for p in split..pages {
-                let Ok(off) = page_offset(p) else { break };
-                mem.read(off, &mut buf);
-                restore(p, &mut buf);
-                d = mix(d ^ page_hash(&buf)).wrapping_add(p);
-                if (p + 1) % CHUNK_PAGES == 0 || p + 1 == pages {
-                    out.push(d);
-                    d = 0;
-                }
-            }
-            out
-        });
+        let second = s.spawn(|| digests_of(mem, split, pages, restore));
         let mut first = digests(mem, split, restore);
         first.extend(second.join().unwrap_or_default());
         first
