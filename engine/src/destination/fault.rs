@@ -251,11 +251,7 @@ impl FaultWorker<'_, '_> {
             match zero(self.sh.uffd, dst, r.page_size, true)? {
                 crate::sys::uffd::Installed::Again { done: 0 } => {
                     // A REMOVE is pending; handle it, then the fault comes back.
-                    let n = self.sh.uffd.read_events(&mut self.events)?;
-                    for i in 0..n {
-                        let ev = self.events[i].parse();
-                        self.backlog.push_back(ev);
-                    }
+                    take_pending(self.sh, &mut self.events, &mut self.backlog)?;
                     self.sh.uffd.wake(dst, r.page_size)?;
                 }
                 _ => self.sh.uffd.wake(dst, r.page_size)?,
@@ -382,15 +378,8 @@ impl FaultWorker<'_, '_> {
         let events = &mut self.events;
         let mut on_again = || {
             let _g = sh.gate.map(|g| g.exclusive());
-            if let Ok(n) = sh.uffd.read_events(events) {
-                for m in events.iter().take(n) {
-                    let ev = m.parse();
-                    if let Event::Remove { start, end } = ev {
-                        mark_removed(sh, start, end);
-                    }
-                    backlog.push_back(ev);
-                }
-            }
+            // A read error resurfaces at the next `read_faults`.
+            let _ = take_pending(sh, events, backlog);
         };
         let p = match h.kind {
             PageKind::Data => Payload::Copy(&self.buf[start..start + payload]),
@@ -420,6 +409,25 @@ impl FaultWorker<'_, '_> {
         }
         Ok(())
     }
+}
+
+/// Reads the pending events when an ioctl returned `EAGAIN`: marks removed ranges at
+/// once (so that no install lands in them after the kernel's zap) and queues every
+/// event for the fault loop. The caller holds the `RemoveGate` exclusive, if any.
+fn take_pending(
+    sh: &Shared<'_>,
+    events: &mut [UffdMsg],
+    backlog: &mut VecDeque<Event>,
+) -> Result<(), EngineError> {
+    let n = sh.uffd.read_events(events)?;
+    for m in events.iter().take(n) {
+        let ev = m.parse();
+        if let Event::Remove { start, end } = ev {
+            mark_removed(sh, start, end);
+        }
+        backlog.push_back(ev);
+    }
+    Ok(())
 }
 
 /// A balloon (MADV_DONTNEED) dropped `start..end`: whatever the source still has
