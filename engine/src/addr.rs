@@ -3,7 +3,13 @@
 //!
 //! Every connection of a session (the demand lane and each bulk lane) is a separate
 //! stream to the same address. TCP streams get `TCP_NODELAY`, since a demand request
-//! is 48 bytes and must not wait for Nagle.
+//! is a few dozen bytes and must not wait for Nagle, and keepalive plus
+//! `TCP_USER_TIMEOUT` ([`Stream::set_liveness`]), so a peer that vanished is
+//! noticed even while nothing is being sent.
+//!
+//! A Unix listener never deletes what it did not create: [`PeerAddr::listen`]
+//! refuses a path that holds anything but a socket, and a socket that another
+//! live process is listening on; only a stale socket is replaced.
 
 use std::fmt;
 use std::io::{self, Read, Write};
@@ -83,7 +89,8 @@ impl PeerAddr {
         }
     }
 
-    /// Binds a listener. A stale Unix socket file is replaced.
+    /// Binds a listener. A stale Unix socket file is replaced; anything else at
+    /// the path is refused ([`bind_unix`]).
     pub fn listen(&self) -> Result<Listener, EngineError> {
         let err = |e| EngineError::Listen {
             addr: self.to_string(),
@@ -96,14 +103,44 @@ impl PeerAddr {
                     .map(Listener::Tcp)
                     .map_err(err)
             }
-            PeerAddr::Unix(p) => {
-                if p.exists() {
-                    let _ = std::fs::remove_file(p);
-                }
-                UnixListener::bind(p).map(Listener::Unix).map_err(err)
-            }
+            PeerAddr::Unix(p) => bind_unix(p).map(Listener::Unix),
         }
     }
+}
+
+/// Binds a Unix stream listener at `path`, replacing only a stale socket: a
+/// path that holds a regular file, a directory or anything but a socket is
+/// refused, and so is a socket that a live process accepts on (two handlers
+/// configured with one path must not steal each other's clients).
+pub fn bind_unix(path: &std::path::Path) -> Result<UnixListener, EngineError> {
+    use std::os::unix::fs::FileTypeExt;
+    let addr = format!("unix:{}", path.display());
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_socket() => match UnixStream::connect(path) {
+            Ok(_) => {
+                return Err(EngineError::AddressInUse {
+                    addr,
+                    why: "another process is listening on this socket".into(),
+                })
+            }
+            Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
+                std::fs::remove_file(path).map_err(|source| EngineError::Listen {
+                    addr: addr.clone(),
+                    source,
+                })?;
+            }
+            Err(source) => return Err(EngineError::Listen { addr, source }),
+        },
+        Ok(_) => {
+            return Err(EngineError::AddressInUse {
+                addr,
+                why: "the path exists and is not a socket; refusing to replace it".into(),
+            })
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(source) => return Err(EngineError::Listen { addr, source }),
+    }
+    UnixListener::bind(path).map_err(|source| EngineError::Listen { addr, source })
 }
 
 impl fmt::Display for PeerAddr {
@@ -164,6 +201,31 @@ impl Stream {
         })
     }
 
+    /// Keepalive probes after `silence / 3` without traffic, and
+    /// `TCP_USER_TIMEOUT` of `silence`: a vanished peer breaks the connection
+    /// within about `silence`, even when nothing is being sent. No-op for
+    /// Unix sockets (a dead local peer closes them at once).
+    pub fn set_liveness(&self, silence: Duration) -> io::Result<()> {
+        let Stream::Tcp(s) = self else { return Ok(()) };
+        use rustix::net::sockopt;
+        let idle = (silence / 3).max(Duration::from_secs(1));
+        sockopt::set_socket_keepalive(s, true)?;
+        sockopt::set_tcp_keepidle(s, idle)?;
+        sockopt::set_tcp_keepintvl(s, (silence / 6).max(Duration::from_secs(1)))?;
+        sockopt::set_tcp_keepcnt(s, 3)?;
+        let ms = u32::try_from(silence.as_millis()).unwrap_or(u32::MAX).max(1);
+        sockopt::set_tcp_user_timeout(s, ms)?;
+        Ok(())
+    }
+
+    /// The peer's IP address (None for Unix sockets).
+    pub fn peer_ip(&self) -> Option<std::net::IpAddr> {
+        match self {
+            Stream::Tcp(s) => s.peer_addr().ok().map(|a| a.ip()),
+            Stream::Unix(_) => None,
+        }
+    }
+
     /// The peer's address, for logs.
     pub fn peer(&self) -> String {
         match self {
@@ -221,6 +283,15 @@ impl AsFd for Stream {
     }
 }
 
+impl AsFd for Listener {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        match self {
+            Listener::Tcp(l) => l.as_fd(),
+            Listener::Unix(l) => l.as_fd(),
+        }
+    }
+}
+
 /// A bound listener.
 #[derive(Debug)]
 pub enum Listener {
@@ -269,6 +340,30 @@ impl Listener {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn unix_listen_refuses_files_and_live_sockets() {
+        let dir = std::env::temp_dir().join(format!("rf-addr-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("file");
+        std::fs::write(&file, b"keep me").unwrap();
+        assert!(matches!(
+            bind_unix(&file),
+            Err(EngineError::AddressInUse { .. })
+        ));
+        assert_eq!(std::fs::read(&file).unwrap(), b"keep me");
+        let sock = dir.join("sock");
+        let live = bind_unix(&sock).unwrap();
+        assert!(matches!(
+            bind_unix(&sock),
+            Err(EngineError::AddressInUse { .. })
+        ));
+        drop(live);
+        // The socket file stays behind, stale: it is replaced.
+        let again = bind_unix(&sock);
+        assert!(again.is_ok());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 
     #[test]
     fn parses_tcp_and_unix() {

@@ -1,29 +1,41 @@
-//! The present bitmap: one bit per guest page, set once the page is installed.
+//! Page bitmaps: one bit per guest page, atomic, allocated lazily.
 //!
-//! Bits live in `AtomicU64` words so that fault lanes and the background
-//! pusher can claim pages without a lock: [`AtomicBitmap::test_and_set`] is a
-//! single `fetch_or`, and exactly one caller sees a given bit flip. A running
-//! count of set bits makes [`AtomicBitmap::all_set`] O(1).
+//! # Mechanism
+//! Two levels: a top array with one slot per leaf of [`LEAF_BITS`] pages,
+//! and leaves of `AtomicU64` words allocated the first time one of their bits
+//! is set. A clear leaf costs one empty slot (16 bytes per 128 MiB of 4 KiB
+//! pages), so a bitmap sized by a peer's layout costs memory in proportion to
+//! the pages actually marked, not to the address space: a 64 TiB layout is
+//! 8 MiB of slots until pages arrive. [`AtomicBitmap::test_and_set`] is a
+//! single `fetch_or`, so lanes on several cores claim or mark pages without
+//! a lock; a running count of set bits makes [`AtomicBitmap::all_set`] O(1).
 //!
 //! Indices at or beyond [`AtomicBitmap::len`] behave as permanently set: they
 //! are never reported clear and never need installing, so a bad index cannot
 //! make the engine install outside the region (and nothing here panics).
 //!
+//! # Hazards
 //! The scans (`next_clear`, `set_ranges`, ...) read word by word while others
 //! may set bits: they return a consistent answer per word, not a snapshot of
 //! the whole bitmap.
 
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::OnceLock;
 
-/// A fixed-size bitmap of atomic words with a count of set bits.
+/// Bits per leaf (32 Ki pages: 128 MiB of 4 KiB pages).
+pub const LEAF_BITS: u64 = 1 << 15;
+const WORDS_PER_LEAF: usize = 512;
+const BITS: u64 = 64;
+
+type Leaf = Box<[AtomicU64; WORDS_PER_LEAF]>;
+
+/// A lazily allocated bitmap of atomic words with a count of set bits.
 #[derive(Debug)]
 pub struct AtomicBitmap {
-    words: Box<[AtomicU64]>,
+    leaves: Box<[OnceLock<Leaf>]>,
     len: u64,
     set: AtomicU64,
 }
-
-const BITS: u64 = 64;
 
 /// Mask of bits `lo..hi` (0 <= lo <= hi <= 64) in a word.
 fn mask(lo: u64, hi: u64) -> u64 {
@@ -40,13 +52,17 @@ fn mask(lo: u64, hi: u64) -> u64 {
     upper & !lower
 }
 
+fn new_leaf() -> Leaf {
+    Box::new(std::array::from_fn(|_| AtomicU64::new(0)))
+}
+
 impl AtomicBitmap {
-    /// A bitmap of `len` clear bits.
+    /// A bitmap of `len` clear bits (nothing allocated but the leaf slots).
     pub fn new(len: u64) -> AtomicBitmap {
-        let n = len.div_ceil(BITS);
-        let words = (0..n).map(|_| AtomicU64::new(0)).collect();
+        let n = usize::try_from(len.div_ceil(LEAF_BITS)).unwrap_or(0);
+        let leaves = (0..n).map(|_| OnceLock::new()).collect();
         AtomicBitmap {
-            words,
+            leaves,
             len,
             set: AtomicU64::new(0),
         }
@@ -62,19 +78,38 @@ impl AtomicBitmap {
         self.len == 0
     }
 
-    fn word(&self, i: u64) -> Option<&AtomicU64> {
+    /// Bytes allocated for leaves and slots (for metadata reports).
+    pub fn allocated_bytes(&self) -> u64 {
+        let leaves = self.leaves.iter().filter(|l| l.get().is_some()).count() as u64;
+        leaves * (WORDS_PER_LEAF as u64 * 8)
+            + self.leaves.len() as u64 * std::mem::size_of::<OnceLock<Leaf>>() as u64
+    }
+
+    fn slot(&self, i: u64) -> Option<(&OnceLock<Leaf>, usize)> {
         if i >= self.len {
             return None;
         }
-        usize::try_from(i / BITS)
-            .ok()
-            .and_then(|w| self.words.get(w))
+        let leaf = usize::try_from(i / LEAF_BITS).ok()?;
+        let word = usize::try_from((i % LEAF_BITS) / BITS).ok()?;
+        Some((self.leaves.get(leaf)?, word))
+    }
+
+    fn word(&self, i: u64) -> Option<&AtomicU64> {
+        let (slot, w) = self.slot(i)?;
+        slot.get().map(|l| &l[w])
+    }
+
+    fn word_mut(&self, i: u64) -> Option<&AtomicU64> {
+        let (slot, w) = self.slot(i)?;
+        Some(&slot.get_or_init(new_leaf)[w])
     }
 
     /// Sets bit `i`; returns whether it was already set (out of range: true).
     /// Exactly one caller gets `false` for a given bit.
     pub fn test_and_set(&self, i: u64) -> bool {
-        let Some(w) = self.word(i) else { return true };
+        let Some(w) = self.word_mut(i) else {
+            return true;
+        };
         let m = 1u64 << (i % BITS);
         // AcqRel: Release publishes the page work done before setting the bit;
         // Acquire makes a loser see the winner's prior writes.
@@ -98,7 +133,7 @@ impl AtomicBitmap {
             let lo = i % BITS;
             let hi = (end - wi * BITS).min(BITS);
             let m = mask(lo, hi);
-            if let Some(w) = usize::try_from(wi).ok().and_then(|w| self.words.get(w)) {
+            if let Some(w) = self.word_mut(i) {
                 // AcqRel: as in test_and_set, the bits publish the installs.
                 let old = w.fetch_or(m, Ordering::AcqRel);
                 newly += u64::from((m & !old).count_ones());
@@ -112,127 +147,107 @@ impl AtomicBitmap {
         newly
     }
 
-    /// Clears bit `i` (a REMOVE event zapped the page); returns whether it was
-    /// set. Out of range: no-op, false.
-    pub fn clear(&self, i: u64) -> bool {
-        let Some(w) = self.word(i) else { return false };
-        let m = 1u64 << (i % BITS);
-        // AcqRel: orders the clear after the zap that caused it and before
-        // any later re-install that sets the bit again.
-        let old = w.fetch_and(!m, Ordering::AcqRel);
-        if old & m == 0 {
-            return false;
+    /// Clears bits `first..first + count` (clamped); returns how many were set.
+    pub fn clear_range(&self, first: u64, count: u64) -> u64 {
+        let end = first.saturating_add(count).min(self.len);
+        let mut cleared = 0;
+        let mut i = first;
+        while i < end {
+            let wi = i / BITS;
+            let lo = i % BITS;
+            let hi = (end - wi * BITS).min(BITS);
+            let m = mask(lo, hi);
+            if let Some(w) = self.word(i) {
+                // AcqRel: orders the clear after whatever invalidated the pages
+                // (a discard), and before later test_and_sets that re-claim them.
+                let old = w.fetch_and(!m, Ordering::AcqRel);
+                cleared += u64::from((m & old).count_ones());
+            }
+            i = (wi + 1) * BITS;
         }
-        // AcqRel: keeps the count in step with the bit for Acquire readers.
-        self.set.fetch_sub(1, Ordering::AcqRel);
-        true
+        if cleared > 0 {
+            // AcqRel: keeps the count consistent with the words for all_set.
+            self.set.fetch_sub(cleared, Ordering::AcqRel);
+        }
+        cleared
     }
 
     /// Whether bit `i` is set (out of range: true).
     pub fn is_set(&self, i: u64) -> bool {
-        let Some(w) = self.word(i) else { return true };
-        // Acquire: a set bit means the page's install is visible to us.
-        w.load(Ordering::Acquire) & (1u64 << (i % BITS)) != 0
+        if i >= self.len {
+            return true;
+        }
+        // Acquire: seeing the bit implies seeing the work it publishes.
+        self.word(i)
+            .is_some_and(|w| w.load(Ordering::Acquire) & (1u64 << (i % BITS)) != 0)
     }
 
-    /// Number of set bits.
+    /// Bits set.
     pub fn count(&self) -> u64 {
-        // Acquire: pairs with the AcqRel increments (see test_and_set).
+        // Acquire: pairs with the AcqRel updates.
         self.set.load(Ordering::Acquire)
     }
 
     /// Whether every bit is set.
     pub fn all_set(&self) -> bool {
-        self.count() == self.len
-    }
-
-    /// Loads word `wi` with bits at or beyond `len` forced to 1.
-    fn load_word(&self, wi: u64) -> u64 {
-        let Some(w) = usize::try_from(wi).ok().and_then(|w| self.words.get(w)) else {
-            return u64::MAX;
-        };
-        // Acquire: set bits we report must have their installs visible.
-        let v = w.load(Ordering::Acquire);
-        let valid = self.len.saturating_sub(wi * BITS).min(BITS);
-        v | !mask(0, valid)
+        self.count() >= self.len
     }
 
     /// The first clear bit at or after `from`.
     pub fn next_clear(&self, from: u64) -> Option<u64> {
-        let mut wi = from / BITS;
-        let mut lowmask = mask(0, from % BITS);
-        while wi * BITS < self.len {
-            let free = !(self.load_word(wi) | lowmask);
-            if free != 0 {
-                return Some(wi * BITS + u64::from(free.trailing_zeros()));
+        let mut i = from;
+        while i < self.len {
+            let (slot, w) = self.slot(i)?;
+            let Some(leaf) = slot.get() else {
+                return Some(i);
+            };
+            let word = leaf[w].load(Ordering::Acquire) | mask(0, i % BITS);
+            if word != u64::MAX {
+                let bit = (i / BITS) * BITS + u64::from((!word).trailing_zeros());
+                return (bit < self.len).then_some(bit);
             }
-            lowmask = 0;
-            wi += 1;
+            i = (i / BITS + 1) * BITS;
         }
         None
     }
 
-    /// The first set bit at or after `from`, or `len` if none.
-    fn next_set_or_len(&self, from: u64) -> u64 {
-        let mut wi = from / BITS;
-        let mut lowmask = mask(0, from % BITS);
-        while wi * BITS < self.len {
-            let set = self.load_word(wi) & !lowmask;
-            if set != 0 {
-                return (wi * BITS + u64::from(set.trailing_zeros())).min(self.len);
+    /// The first set bit at or after `from`.
+    pub fn next_set(&self, from: u64) -> Option<u64> {
+        let mut i = from;
+        while i < self.len {
+            let (slot, w) = self.slot(i)?;
+            let Some(leaf) = slot.get() else {
+                i = (i / LEAF_BITS + 1) * LEAF_BITS;
+                continue;
+            };
+            let word = leaf[w].load(Ordering::Acquire) & !mask(0, i % BITS);
+            if word != 0 {
+                let bit = (i / BITS) * BITS + u64::from(word.trailing_zeros());
+                return (bit < self.len).then_some(bit);
             }
-            lowmask = 0;
-            wi += 1;
+            i = (i / BITS + 1) * BITS;
         }
-        self.len
+        None
     }
 
-    /// The first run of clear bits at or after `from`, as `(first, len)`,
-    /// with `len` capped at `max_len` (at least 1).
+    /// The first run of clear bits at or after `from`, at most `max_len` long.
     pub fn next_clear_run(&self, from: u64, max_len: u64) -> Option<(u64, u64)> {
-        let first = self.next_clear(from)?;
-        let cap = first.saturating_add(max_len.max(1));
-        let end = self.next_set_or_len(first).min(cap);
-        Some((first, end - first))
+        let start = self.next_clear(from)?;
+        let limit = start.saturating_add(max_len.max(1)).min(self.len);
+        let end = self.next_set(start).map_or(limit, |s| s.min(limit));
+        Some((start, end - start))
     }
 
-    /// Runs of set bits as `(first, len)`, in order (for run-length encoding).
+    /// Maximal runs of set bits as `(first, count)`, in order.
     pub fn set_ranges(&self) -> Vec<(u64, u64)> {
         let mut out = Vec::new();
-        let mut i = 0;
-        while i < self.len {
-            let start = self.next_set_or_len(i);
-            if start >= self.len {
-                break;
-            }
-            let end = self.next_clear(start).unwrap_or(self.len);
-            out.push((start, end - start));
-            i = end;
+        let mut at = 0;
+        while let Some(s) = self.next_set(at) {
+            let e = self.next_clear(s).unwrap_or(self.len);
+            out.push((s, e - s));
+            at = e;
         }
         out
-    }
-
-    /// Sets every bit that is set in `words` (a bitset in this bitmap's
-    /// layout, e.g. from `sys::pagemap::populated_pages`); returns how many
-    /// were newly set. Bits beyond `len` are ignored.
-    pub fn set_from_words(&self, words: &[u64]) -> u64 {
-        let mut newly = 0;
-        for (wi, (&src, w)) in words.iter().zip(self.words.iter()).enumerate() {
-            let wi = u64::try_from(wi).unwrap_or(u64::MAX);
-            let valid = self.len.saturating_sub(wi.saturating_mul(BITS)).min(BITS);
-            let m = src & mask(0, valid);
-            if m == 0 {
-                continue;
-            }
-            // AcqRel: as in test_and_set.
-            let old = w.fetch_or(m, Ordering::AcqRel);
-            newly += u64::from((m & !old).count_ones());
-        }
-        if newly > 0 {
-            // AcqRel: as in test_and_set.
-            self.set.fetch_add(newly, Ordering::AcqRel);
-        }
-        newly
     }
 }
 
@@ -241,128 +256,58 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
-    #[derive(Debug, Clone)]
-    enum Op {
-        Set(u64),
-        SetRange(u64, u64),
-        Clear(u64),
+    #[test]
+    fn lazy_until_set() {
+        let b = AtomicBitmap::new(64 << 30 >> 12 << 10); // 64 TiB of 4 KiB pages
+        let empty = b.allocated_bytes();
+        assert!(empty < 16 << 20, "{empty}");
+        assert!(!b.test_and_set(12345));
+        assert!(b.test_and_set(12345));
+        assert_eq!(b.allocated_bytes(), empty + 4096);
+        assert_eq!(b.next_clear(12345), Some(12346));
+        assert_eq!(b.next_set(0), Some(12345));
     }
 
-    fn op(len: u64) -> impl Strategy<Value = Op> {
-        let i = 0..len + 3; // include a few out-of-range indices
-        prop_oneof![
-            i.clone().prop_map(Op::Set),
-            (i.clone(), 0..len + 70).prop_map(|(a, b)| Op::SetRange(a, b)),
-            i.prop_map(Op::Clear),
-        ]
-    }
-
-    fn model_next_clear(m: &[bool], from: u64) -> Option<u64> {
-        (from..m.len() as u64).find(|&i| !m[usize::try_from(i).unwrap_or(usize::MAX)])
-    }
-
-    fn model_ranges(m: &[bool]) -> Vec<(u64, u64)> {
-        let mut out = Vec::new();
-        let mut i = 0;
-        while i < m.len() {
-            if m[i] {
-                let s = i;
-                while i < m.len() && m[i] {
-                    i += 1;
-                }
-                out.push((s as u64, (i - s) as u64));
-            } else {
-                i += 1;
-            }
-        }
-        out
+    #[test]
+    fn ranges_across_leaves() {
+        let n = 3 * LEAF_BITS + 17;
+        let b = AtomicBitmap::new(n);
+        assert_eq!(b.set_range(LEAF_BITS - 3, 10), 10);
+        assert_eq!(b.set_range(n - 5, 100), 5);
+        assert_eq!(b.set_ranges(), vec![(LEAF_BITS - 3, 10), (n - 5, 5)]);
+        assert_eq!(b.clear_range(LEAF_BITS, 2), 2);
+        assert_eq!(b.count(), 13);
+        assert_eq!(
+            b.set_ranges(),
+            vec![(LEAF_BITS - 3, 3), (LEAF_BITS + 2, 5), (n - 5, 5)]
+        );
+        assert_eq!(b.next_clear_run(LEAF_BITS - 3, 100), Some((LEAF_BITS, 2)));
+        assert!(b.is_set(n));
+        assert!(!b.all_set());
     }
 
     proptest! {
         #[test]
-        fn matches_vec_bool_model(
-            (len, ops) in (0u64..300).prop_flat_map(|len| (Just(len), proptest::collection::vec(op(len), 0..60))),
-            probes in proptest::collection::vec(0u64..310, 8),
-            cap in 1u64..100,
-        ) {
-            let bm = AtomicBitmap::new(len);
-            let n = usize::try_from(len).unwrap_or(0);
-            let mut model = vec![false; n];
-            let idx = |i: u64| usize::try_from(i).ok().filter(|&i| i < n);
-            for op in ops {
-                match op {
-                    Op::Set(i) => {
-                        let was = bm.test_and_set(i);
-                        match idx(i) {
-                            Some(k) => { prop_assert_eq!(was, model[k]); model[k] = true; }
-                            None => prop_assert!(was),
-                        }
-                    }
-                    Op::SetRange(a, c) => {
-                        let newly = bm.set_range(a, c);
-                        let mut exp = 0;
-                        for i in a..a.saturating_add(c) {
-                            if let Some(k) = idx(i) {
-                                if !model[k] { exp += 1; model[k] = true; }
-                            }
-                        }
-                        prop_assert_eq!(newly, exp);
-                    }
-                    Op::Clear(i) => {
-                        let was = bm.clear(i);
-                        match idx(i) {
-                            Some(k) => { prop_assert_eq!(was, model[k]); model[k] = false; }
-                            None => prop_assert!(!was),
-                        }
-                    }
-                }
+        fn matches_a_vec(ops in proptest::collection::vec((0u64..70_000, 1u64..300, any::<bool>()), 1..40)) {
+            let n = 70_000u64;
+            let b = AtomicBitmap::new(n);
+            let mut v = vec![false; usize::try_from(n).unwrap()];
+            for (first, count, set) in ops {
+                let end = (first + count).min(n);
+                if set { b.set_range(first, count); } else { b.clear_range(first, count); }
+                for i in first..end { v[usize::try_from(i).unwrap()] = set; }
             }
-            let count = model.iter().filter(|&&b| b).count() as u64;
-            prop_assert_eq!(bm.count(), count);
-            prop_assert_eq!(bm.all_set(), count == len);
-            for (k, &b) in model.iter().enumerate() {
-                prop_assert_eq!(bm.is_set(k as u64), b);
+            let want = v.iter().filter(|x| **x).count() as u64;
+            prop_assert_eq!(b.count(), want);
+            for (i, x) in v.iter().enumerate() {
+                prop_assert_eq!(b.is_set(i as u64), *x);
             }
-            prop_assert!(bm.is_set(len));
-            for &p in &probes {
-                prop_assert_eq!(bm.next_clear(p), model_next_clear(&model, p));
-                let run = bm.next_clear_run(p, cap);
-                let exp = model_next_clear(&model, p).map(|f| {
-                    let mut e = f;
-                    while e < len && !model[usize::try_from(e).unwrap_or(0)] && e - f < cap { e += 1; }
-                    (f, e - f)
-                });
-                prop_assert_eq!(run, exp);
+            let mut runs = Vec::new();
+            let mut i = 0;
+            while i < v.len() {
+                if v[i] { let s = i; while i < v.len() && v[i] { i += 1; } runs.push((s as u64, (i - s) as u64)); } else { i += 1; }
             }
-            prop_assert_eq!(bm.set_ranges(), model_ranges(&model));
+            prop_assert_eq!(b.set_ranges(), runs);
         }
-    }
-
-    #[test]
-    fn concurrent_test_and_set_has_one_winner() {
-        let bm = std::sync::Arc::new(AtomicBitmap::new(1000));
-        let wins: Vec<u64> = (0..2)
-            .map(|_| {
-                let bm = bm.clone();
-                std::thread::spawn(move || {
-                    (0..1000).filter(|&i| !bm.test_and_set(i)).count() as u64
-                })
-            })
-            .collect::<Vec<_>>()
-            .into_iter()
-            .map(|h| h.join().unwrap_or(0))
-            .collect();
-        assert_eq!(wins.iter().sum::<u64>(), 1000);
-        assert!(bm.all_set());
-        assert_eq!(bm.set_ranges(), vec![(0, 1000)]);
-    }
-
-    #[test]
-    fn set_from_words_ignores_tail() {
-        let bm = AtomicBitmap::new(70);
-        assert_eq!(bm.set_from_words(&[0b101, u64::MAX]), 2 + 6);
-        assert_eq!(bm.count(), 8);
-        assert_eq!(bm.next_clear(0), Some(1));
-        assert_eq!(bm.next_clear(64), None);
     }
 }

@@ -1,12 +1,45 @@
-//! The engine's error type. Each variant's message is what an operator reads.
+//! The engine's error type. Each variant's message is what an operator reads;
+//! variants differ where a caller can act on the difference.
 
 use ringfault_proto::auth::AuthError;
-use ringfault_proto::DecodeError;
+use ringfault_proto::{DecodeError, ErrorCode, MsgKind, Protection, SealError};
 
+use crate::sys::guest::GuestError;
 use crate::sys::mapping::MapError;
 use crate::sys::pagemap::PagemapError;
 use crate::sys::ring::RingError;
 use crate::sys::uffd::UffdError;
+
+/// Which connection of a session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LaneId {
+    /// `demand` or `bulk`.
+    pub lane: &'static str,
+    /// Channel index (0 for the demand lane).
+    pub channel: u16,
+}
+
+impl LaneId {
+    /// The demand lane.
+    pub const DEMAND: LaneId = LaneId {
+        lane: "demand",
+        channel: 0,
+    };
+
+    /// Bulk lane `channel`.
+    pub fn bulk(channel: u16) -> LaneId {
+        LaneId {
+            lane: "bulk",
+            channel,
+        }
+    }
+}
+
+impl std::fmt::Display for LaneId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} lane {}", self.lane, self.channel)
+    }
+}
 
 /// Everything that can stop a migration.
 #[derive(Debug, thiserror::Error)]
@@ -37,7 +70,15 @@ pub enum EngineError {
         #[source]
         source: std::io::Error,
     },
-    /// A socket read or write failed while doing `context`.
+    /// The address is taken by something the engine must not replace.
+    #[error("cannot listen on {addr}: {why}")]
+    AddressInUse {
+        /// The address.
+        addr: String,
+        /// What is there.
+        why: String,
+    },
+    /// A system call failed while doing `context`.
     #[error("{context}")]
     Io {
         /// What the engine was doing.
@@ -47,40 +88,108 @@ pub enum EngineError {
         source: std::io::Error,
     },
     /// The peer closed a connection that the session still needed.
-    #[error("connection lost: {lane} lane, channel {channel}: the peer closed it or vanished")]
+    #[error("connection lost: {lane}: the peer closed it or vanished")]
     ConnectionLost {
-        /// `demand` or `bulk`.
-        lane: &'static str,
-        /// Channel index.
-        channel: u16,
+        /// Which connection.
+        lane: LaneId,
+    },
+    /// The peer stayed silent past the liveness timeout.
+    #[error("connection lost: {lane}: the peer has been silent for {silent_s:.1} s (liveness timeout)")]
+    Silent {
+        /// Which connection.
+        lane: LaneId,
+        /// Seconds since the last byte.
+        silent_s: f64,
     },
     /// The peer sent bytes that are not a valid frame.
-    #[error("malformed frame from the peer")]
-    Decode(#[from] DecodeError),
-    /// The peer sent a valid frame at the wrong time.
-    #[error("protocol violation by the peer: {0}")]
-    Protocol(String),
+    #[error("malformed frame from the peer on the {lane}")]
+    Decode {
+        /// Which connection.
+        lane: LaneId,
+        /// What was wrong.
+        #[source]
+        source: DecodeError,
+    },
+    /// A frame failed its integrity check: altered, injected, replayed or
+    /// reordered on the path. Nothing from it was installed.
+    #[error("integrity check failed on the {lane}: a frame was altered, injected, replayed or reordered on the path; nothing from it was used")]
+    Integrity {
+        /// Which connection.
+        lane: LaneId,
+        /// The check.
+        #[source]
+        source: SealError,
+    },
+    /// A valid frame at the wrong time (the session's state machine).
+    #[error("protocol violation on the {lane}: {kind:?} is not allowed {state}")]
+    Unexpected {
+        /// Which connection.
+        lane: LaneId,
+        /// The frame.
+        kind: MsgKind,
+        /// When it came, e.g. "before Complete was sent".
+        state: &'static str,
+    },
+    /// A frame larger than the receive ring can hold.
+    #[error("a {len}-byte frame on the {lane} exceeds the receive ring ({max} bytes)")]
+    FrameTooLarge {
+        /// Which connection.
+        lane: LaneId,
+        /// Frame bytes.
+        len: usize,
+        /// Ring bytes.
+        max: usize,
+    },
     /// Authentication failed.
     #[error("authentication failed")]
     Auth(#[from] AuthError),
+    /// The two ends want different frame protection.
+    #[error("frame protection mismatch: this side requires {ours}, the peer asked for {theirs} (both ends must use the same --integrity/--encrypt)")]
+    Protection {
+        /// Ours.
+        ours: &'static str,
+        /// Theirs.
+        theirs: &'static str,
+    },
     /// The peer sent an error frame and stopped.
-    #[error("the peer reported an error ({code}): {message}")]
+    #[error("the peer reported an error ({code:?}): {message}")]
     Peer {
         /// The peer's error code.
-        code: String,
+        code: ErrorCode,
         /// The peer's message.
         message: String,
     },
     /// The two ends disagree on the guest memory layout.
     #[error("guest memory layout mismatch: {0}")]
     LayoutMismatch(String),
+    /// A resume named a session this source does not hold, or the source
+    /// serves another one.
+    #[error("session refused: {0}")]
+    Session(String),
+    /// The link stayed down longer than the resume timeout.
+    #[error("the link to the peer stayed down for {waited_s:.0} s, longer than --resume-timeout; giving up (the destination's memory is incomplete; its faulting threads stay blocked)")]
+    ResumeTimeout {
+        /// Seconds waited.
+        waited_s: f64,
+    },
+    /// A memory file is shorter than the memory it is said to hold.
+    #[error("memory file {path}: {why}")]
+    MemoryFile {
+        /// The file.
+        path: String,
+        /// What is wrong.
+        why: String,
+    },
     /// A userfaultfd operation failed.
     #[error("userfaultfd")]
     Uffd(#[from] UffdError),
     /// Mapping memory failed.
     #[error("memory mapping")]
     Map(#[from] MapError),
-    /// Reading the page map failed.
+    /// Guest memory access failed.
+    #[error("guest memory")]
+    Guest(#[from] GuestError),
+    /// Scanning the page tables failed.
     #[error("page map")]
     Pagemap(#[from] PagemapError),
     /// An io_uring operation failed.
@@ -89,12 +198,15 @@ pub enum EngineError {
     /// A configuration value is out of range.
     #[error("invalid configuration: {0}")]
     Config(String),
-    /// A worker thread panicked (a bug); the message is the panic's.
+    /// A worker thread panicked (a bug).
     #[error("internal error: worker {worker} panicked")]
     WorkerPanicked {
         /// Which worker.
         worker: String,
     },
+    /// An engine invariant broke (a bug, never the peer's doing).
+    #[error("internal error: {0}")]
+    Internal(String),
 }
 
 impl EngineError {
@@ -105,4 +217,43 @@ impl EngineError {
             source,
         }
     }
+
+    /// The error code to send the peer before closing.
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            EngineError::Auth(_) => ErrorCode::AuthFailed,
+            EngineError::Decode { .. }
+            | EngineError::Unexpected { .. }
+            | EngineError::FrameTooLarge { .. } => ErrorCode::Protocol,
+            EngineError::Integrity { .. } => ErrorCode::Integrity,
+            EngineError::LayoutMismatch(_) => ErrorCode::LayoutMismatch,
+            EngineError::Silent { .. } | EngineError::ResumeTimeout { .. } => ErrorCode::Timeout,
+            EngineError::Session(_) => ErrorCode::Busy,
+            EngineError::Protection { .. } => ErrorCode::AuthFailed,
+            _ => ErrorCode::Internal,
+        }
+    }
+
+    /// Whether the link failed (so a resume may help), as opposed to the
+    /// peer misbehaving or a local failure.
+    pub fn is_link_loss(&self) -> bool {
+        matches!(
+            self,
+            EngineError::ConnectionLost { .. } | EngineError::Silent { .. }
+        ) || matches!(self, EngineError::Io { source, .. } if matches!(
+            source.kind(),
+            std::io::ErrorKind::ConnectionReset
+                | std::io::ErrorKind::ConnectionAborted
+                | std::io::ErrorKind::BrokenPipe
+                | std::io::ErrorKind::TimedOut
+                | std::io::ErrorKind::UnexpectedEof
+        ) || source.raw_os_error() == Some(libc::ETIMEDOUT)
+            || source.raw_os_error() == Some(libc::EHOSTUNREACH)
+            || source.raw_os_error() == Some(libc::ENETUNREACH))
+    }
+}
+
+/// A name for a protection mode, for [`EngineError::Protection`].
+pub fn protection_name(p: Protection) -> &'static str {
+    p.name()
 }

@@ -1,34 +1,39 @@
-//! The per-connection handshake: hello, mutual HMAC-SHA256 challenge-response on the
-//! pre-shared key, then the guest memory layout. See `docs/protocol.md`.
+//! The per-connection handshake: hello, mutual HMAC-SHA256 challenge-response
+//! on the pre-shared key, keys for this connection, then the guest memory
+//! layout in the first sealed frame. See `docs/protocol.md`.
 //!
-//! The destination connects and speaks first; the source proves that it knows the
-//! key before the destination proves it, and the layout travels only after both
-//! proofs checked. A wrong key is reported on both sides: the side that detects it
-//! sends an `Error(AuthFailed)` frame before closing.
+//! The destination connects and speaks first; the source proves that it knows
+//! the key before the destination proves it, and the layout travels only after
+//! both proofs checked, sealed so that nobody on the path can change it. A
+//! wrong key is reported on both sides: the side that detects it sends an
+//! `Error(AuthFailed)` frame before closing. Both sides must use the same frame
+//! protection; the mode is part of the authenticated transcript, so it cannot
+//! be downgraded on the path.
 
 use std::time::Duration;
 
 use ringfault_proto::auth::{self, PresharedKey};
 use ringfault_proto::{
-    Capabilities, Challenge, ErrorCode, Hello, Lane, Layout, Message, Nonce, Proof, Role,
-    SessionId, Welcome, VERSION,
+    Capabilities, Challenge, ErrorCode, Hello, Lane, Layout, Message, Nonce, Opener, Proof,
+    Protection, Role, Sealer, SessionId, Welcome, VERSION,
 };
 
 use crate::addr::Stream;
-use crate::conn::{read_message, send_error, send_message};
-use crate::error::EngineError;
+use crate::error::{EngineError, LaneId};
+use crate::wire::{recv_bare, send_bare, send_bare_error, Framed};
 
 /// How long either side waits for the next handshake message.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// What this build of the engine can do.
 pub fn our_capabilities() -> Capabilities {
-    Capabilities(
-        Capabilities::ZERO_PAGES.0
-            | Capabilities::UNPOPULATED.0
-            | Capabilities::PREFETCH.0
-            | Capabilities::HUGE_PAGES.0,
-    )
+    Capabilities::ZERO_PAGES
+        | Capabilities::UNPOPULATED
+        | Capabilities::PREFETCH
+        | Capabilities::HUGE_PAGES
+        | Capabilities::RESUME
+        | Capabilities::DISCARD
+        | Capabilities::VERIFY
 }
 
 /// Fresh random bytes from the kernel.
@@ -49,17 +54,41 @@ pub struct ChannelId {
     pub channel: u16,
     /// Connections in the session.
     pub channel_count: u16,
+    /// `LANE_ALIGN_PAYLOAD` and friends.
+    pub lane_flags: u8,
 }
 
-/// The destination's side of the handshake. Returns the agreed capabilities and the
-/// source's layout.
+impl ChannelId {
+    /// The lane's id for messages.
+    pub fn lane_id(&self) -> LaneId {
+        match self.lane {
+            Lane::Demand => LaneId::DEMAND,
+            _ => LaneId::bulk(self.channel),
+        }
+    }
+}
+
+/// A connection the destination finished the handshake on.
+#[derive(Debug)]
+pub struct DestinationLink {
+    /// The connection, sealed from here on.
+    pub framed: Framed,
+    /// The source's layout.
+    pub layout: Layout,
+    /// Agreed capabilities.
+    pub capabilities: Capabilities,
+}
+
+/// The destination's side of the handshake.
 pub fn destination_handshake(
-    stream: &mut Stream,
+    mut stream: Stream,
     key: &PresharedKey,
     id: ChannelId,
     session: SessionId,
     resume: bool,
-) -> Result<(Capabilities, Welcome), EngineError> {
+    protection: Protection,
+) -> Result<DestinationLink, EngineError> {
+    let lane = id.lane_id();
     stream
         .set_read_timeout(Some(HANDSHAKE_TIMEOUT))
         .map_err(|e| EngineError::io("setting the handshake timeout", e))?;
@@ -73,89 +102,112 @@ pub fn destination_handshake(
         capabilities: our_capabilities(),
         session,
         resume,
+        protection,
+        lane_flags: id.lane_flags,
         nonce,
     };
-    send_message(stream, &Message::Hello(hello))?;
-    let challenge = match read_message(stream)? {
+    send_bare(&mut stream, &Message::Hello(hello))?;
+    let challenge = match recv_bare(&mut stream, lane)? {
         Message::Challenge(c) => c,
-        other => return Err(unexpected(stream, "Challenge", &other)),
+        other => return Err(unexpected(&mut stream, lane, &other, "instead of Challenge")),
     };
-    if challenge.role != Role::Source {
-        send_error(stream, ErrorCode::Protocol, "peer is not a source");
-        return Err(EngineError::Protocol(format!(
-            "the peer says it is a {:?}, not a source",
-            challenge.role
-        )));
-    }
     if let Err(e) = auth::verify_source(key, &hello, &challenge) {
-        send_error(
-            stream,
+        send_bare_error(
+            &mut stream,
             ErrorCode::AuthFailed,
             "authentication failed: the source's proof does not match our pre-shared key",
         );
         return Err(e.into());
     }
-    let offered = challenge.capabilities.0;
-    if offered & !hello.capabilities.0 != 0 {
-        send_error(
-            stream,
-            ErrorCode::Protocol,
-            "capabilities not a subset of ours",
-        );
-        return Err(EngineError::Protocol(
-            "the source claimed capabilities we did not offer".into(),
-        ));
+    if challenge.protection != protection {
+        send_bare_error(&mut stream, ErrorCode::AuthFailed, "frame protection differs");
+        return Err(EngineError::Protection {
+            ours: protection.name(),
+            theirs: challenge.protection.name(),
+        });
     }
-    if challenge.session != session {
-        send_error(stream, ErrorCode::Protocol, "session id changed");
-        return Err(EngineError::Protocol(
-            "the source answered with another session id".into(),
-        ));
+    if challenge.capabilities.0 & !hello.capabilities.0 != 0 {
+        send_bare_error(&mut stream, ErrorCode::Protocol, "capabilities not a subset of ours");
+        return Err(EngineError::Unexpected {
+            lane,
+            kind: ringfault_proto::MsgKind::Challenge,
+            state: "with capabilities we did not offer",
+        });
     }
     let proof = Proof {
         mac: auth::destination_mac(key, &hello, &challenge),
     };
-    send_message(stream, &Message::Proof(proof))?;
-    let welcome = match read_message(stream)? {
+    send_bare(&mut stream, &Message::Proof(proof))?;
+    let keys = auth::derive_keys(key, &hello, &challenge, &proof);
+    let sealer = Sealer::new(protection, &keys.d2s)
+        .map_err(|source| EngineError::Integrity { lane, source })?;
+    let opener = Opener::new(protection, &keys.s2d)
+        .map_err(|source| EngineError::Integrity { lane, source })?;
+    let mut framed = Framed {
+        stream,
+        sealer,
+        opener,
+        lane,
+    };
+    let welcome = match framed.recv()? {
         Message::Welcome(w) => w,
-        other => return Err(unexpected(stream, "Welcome", &other)),
+        other => {
+            framed.send_error(ErrorCode::Protocol, "expected Welcome");
+            return Err(EngineError::Unexpected {
+                lane,
+                kind: other.kind(),
+                state: "instead of Welcome",
+            });
+        }
     };
     if welcome.session != session {
-        return Err(EngineError::Protocol(
-            "the source's welcome names another session".into(),
+        framed.send_error(ErrorCode::Protocol, "the Welcome names another session");
+        return Err(EngineError::Session(
+            "the source's Welcome names another session".into(),
         ));
     }
-    stream
+    framed
+        .stream
         .set_read_timeout(None)
         .map_err(|e| EngineError::io("clearing the handshake timeout", e))?;
-    Ok((challenge.capabilities, welcome))
+    Ok(DestinationLink {
+        framed,
+        layout: welcome.layout,
+        capabilities: challenge.capabilities,
+    })
 }
 
-/// The source's side. `accept_session` sees the authenticated hello and says whether
-/// its session id may join (a new session, or the current one).
+/// A connection the source authenticated.
+#[derive(Debug)]
+pub struct SourceLink {
+    /// The connection, sealed from here on.
+    pub framed: Framed,
+    /// The destination's hello (lane, channel, session, resume).
+    pub hello: Hello,
+}
+
+/// The source's side. `accept_session` sees the authenticated hello and says
+/// whether its session may join (a new session, or the current one); it runs
+/// before the `Welcome` is sent, so whatever it does (the switch-over, for the
+/// first demand lane) happens before the destination can resume the VM.
 pub fn source_handshake(
-    stream: &mut Stream,
+    mut stream: Stream,
     key: &PresharedKey,
     layout: &Layout,
+    protection: Protection,
+    deadline: Duration,
     accept_session: impl FnOnce(&Hello) -> Result<(), EngineError>,
-) -> Result<Hello, EngineError> {
+) -> Result<SourceLink, EngineError> {
+    let mut lane = LaneId::DEMAND;
     stream
-        .set_read_timeout(Some(HANDSHAKE_TIMEOUT))
+        .set_read_timeout(Some(deadline))
         .map_err(|e| EngineError::io("setting the handshake timeout", e))?;
-    let hello = match read_message(stream)? {
+    let hello = match recv_bare(&mut stream, lane)? {
         Message::Hello(h) => h,
-        other => return Err(unexpected(stream, "Hello", &other)),
+        other => return Err(unexpected(&mut stream, lane, &other, "instead of Hello")),
     };
-    if hello.role != Role::Destination {
-        send_error(
-            stream,
-            ErrorCode::Protocol,
-            "only a destination may connect",
-        );
-        return Err(EngineError::Protocol(format!(
-            "a {:?} connected; only a destination may",
-            hello.role
-        )));
+    if hello.lane == Lane::Bulk {
+        lane = LaneId::bulk(hello.channel);
     }
     let nonce: Nonce = random_bytes()?;
     let mac = auth::source_mac(key, &hello, &nonce, &hello.session);
@@ -164,42 +216,72 @@ pub fn source_handshake(
         role: Role::Source,
         capabilities: hello.capabilities.intersect(our_capabilities()),
         session: hello.session,
+        protection: hello.protection,
         nonce,
         mac,
     };
-    send_message(stream, &Message::Challenge(challenge))?;
-    let proof = match read_message(stream)? {
+    send_bare(&mut stream, &Message::Challenge(challenge))?;
+    let proof = match recv_bare(&mut stream, lane)? {
         Message::Proof(p) => p,
-        other => return Err(unexpected(stream, "Proof", &other)),
+        other => return Err(unexpected(&mut stream, lane, &other, "instead of Proof")),
     };
     if let Err(e) = auth::verify_destination(key, &hello, &challenge, &proof) {
-        send_error(
-            stream,
+        send_bare_error(
+            &mut stream,
             ErrorCode::AuthFailed,
             "authentication failed: the destination's proof does not match our pre-shared key",
         );
         return Err(e.into());
     }
+    if hello.protection != protection {
+        send_bare_error(
+            &mut stream,
+            ErrorCode::AuthFailed,
+            format!(
+                "frame protection differs: this source requires {}",
+                protection.name()
+            ),
+        );
+        return Err(EngineError::Protection {
+            ours: protection.name(),
+            theirs: hello.protection.name(),
+        });
+    }
     if let Err(e) = accept_session(&hello) {
-        send_error(stream, ErrorCode::Protocol, e.to_string());
+        send_bare_error(&mut stream, e.code(), e.to_string());
         return Err(e);
     }
-    let welcome = Welcome {
+    let keys = auth::derive_keys(key, &hello, &challenge, &proof);
+    let sealer = Sealer::new(protection, &keys.s2d)
+        .map_err(|source| EngineError::Integrity { lane, source })?;
+    let opener = Opener::new(protection, &keys.d2s)
+        .map_err(|source| EngineError::Integrity { lane, source })?;
+    let mut framed = Framed {
+        stream,
+        sealer,
+        opener,
+        lane,
+    };
+    framed.send(&Message::Welcome(Welcome {
         session: hello.session,
         layout: layout.clone(),
-    };
-    send_message(stream, &Message::Welcome(welcome))?;
-    stream
+    }))?;
+    framed
+        .stream
         .set_read_timeout(None)
         .map_err(|e| EngineError::io("clearing the handshake timeout", e))?;
-    Ok(hello)
+    Ok(SourceLink { framed, hello })
 }
 
-fn unexpected(stream: &mut Stream, wanted: &str, got: &Message) -> EngineError {
-    send_error(
+fn unexpected(stream: &mut Stream, lane: LaneId, got: &Message, state: &'static str) -> EngineError {
+    send_bare_error(
         stream,
         ErrorCode::Protocol,
-        format!("expected {wanted}, got {:?}", got.kind()),
+        format!("unexpected {:?} {state}", got.kind()),
     );
-    EngineError::Protocol(format!("expected {wanted}, got {:?}", got.kind()))
+    EngineError::Unexpected {
+        lane,
+        kind: got.kind(),
+        state,
+    }
 }

@@ -1,87 +1,23 @@
-//! The socket-free core of the engine: which page goes next, and which faults share a
-//! request. Unit-tested without sockets or userfaultfd.
+//! The socket-free core of the engine: which page goes next, and which faults
+//! share a request. Unit-tested without sockets or userfaultfd.
 //!
-//! - [`PageSpace`] numbers every page of every region in one global index space.
-//! - [`DemandTable`] (destination) coalesces faults on one page into one request and
-//!   remembers when each fault was read, for latency accounting.
-//! - [`PushPlan`] (source) hands out runs of pages to the bulk pushers: windows
-//!   around recent faults first, then a sweep; each page at most once, claimed with
-//!   an atomic test-and-set so pushers on several cores never send a page twice.
+//! - [`DemandTable`] (destination) coalesces faults on one page into one
+//!   request and remembers when each fault was read, for latency accounting.
+//! - [`PushPlan`] (source) hands out runs of pages to the bulk lanes: windows
+//!   around recent faults first, then a sweep. Each page goes out at most once
+//!   per lap: pages are claimed word by word with `fetch_or` on the `sent`
+//!   bitmap, so lanes on several cores never send a page twice, and a sweep
+//!   skips whole words of pages already sent (or known to be zero) at once.
+//!   The sweep never passes the end of the scanned window: pages ahead of it
+//!   have not been classified yet (see `source::scan`).
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::Instant;
 
-use ringfault_proto::Layout;
-
 use crate::bitmap::AtomicBitmap;
-
-/// One region's place in the global page index space.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct RegionSpan {
-    /// The region's id on the wire.
-    pub id: u32,
-    /// Global index of its first page.
-    pub first: u64,
-    /// Its page count.
-    pub pages: u64,
-    /// Its page size in bytes.
-    pub page_size: u64,
-}
-
-/// All regions' pages numbered 0.. in layout order.
-#[derive(Debug, Clone)]
-pub struct PageSpace {
-    spans: Vec<RegionSpan>,
-    total: u64,
-}
-
-impl PageSpace {
-    /// Numbers the pages of a layout.
-    pub fn new(layout: &Layout) -> PageSpace {
-        let mut spans = Vec::with_capacity(layout.regions.len());
-        let mut total = 0u64;
-        for r in &layout.regions {
-            let pages = r.page_count();
-            spans.push(RegionSpan {
-                id: r.id,
-                first: total,
-                pages,
-                page_size: r.page_size.bytes(),
-            });
-            total = total.saturating_add(pages);
-        }
-        PageSpace { spans, total }
-    }
-
-    /// Pages in all regions.
-    pub fn total(&self) -> u64 {
-        self.total
-    }
-
-    /// The regions in layout order.
-    pub fn spans(&self) -> &[RegionSpan] {
-        &self.spans
-    }
-
-    /// The span of region index `idx` (layout order).
-    pub fn span(&self, idx: usize) -> Option<&RegionSpan> {
-        self.spans.get(idx)
-    }
-
-    /// Layout index of the region with wire id `id`.
-    pub fn index_of(&self, id: u32) -> Option<usize> {
-        self.spans.iter().position(|s| s.id == id)
-    }
-
-    /// (layout index, page within region) of a global page.
-    pub fn locate(&self, global: u64) -> Option<(usize, u64)> {
-        let idx = self.spans.partition_point(|s| s.first + s.pages <= global);
-        let s = self.spans.get(idx)?;
-        (global >= s.first).then(|| (idx, global - s.first))
-    }
-}
+use crate::space::PageSpace;
 
 /// A run of pages inside one region.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -97,15 +33,14 @@ pub struct Run {
 /// What the fault path must do about a fault.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FaultAction {
-    /// Send a demand request with this id.
-    Request(u64),
-    /// A request for this page is already in flight; wait for it.
+    /// The first fault on this page: fetch it.
+    Fetch,
+    /// A fetch of this page is already in flight; wait for it.
     Coalesced,
 }
 
 #[derive(Debug)]
 struct Pending {
-    request_id: u64,
     faults: Vec<Instant>,
 }
 
@@ -113,16 +48,12 @@ struct Pending {
 #[derive(Debug, Default)]
 pub struct DemandTable {
     pending: HashMap<u64, Pending>,
-    next_id: u64,
 }
 
 impl DemandTable {
     /// An empty table.
     pub fn new() -> DemandTable {
-        DemandTable {
-            pending: HashMap::new(),
-            next_id: 1,
-        }
+        DemandTable::default()
     }
 
     /// A fault on `page` was read at `at`.
@@ -131,16 +62,8 @@ impl DemandTable {
             p.faults.push(at);
             return FaultAction::Coalesced;
         }
-        let id = self.next_id;
-        self.next_id += 1;
-        self.pending.insert(
-            page,
-            Pending {
-                request_id: id,
-                faults: vec![at],
-            },
-        );
-        FaultAction::Request(id)
+        self.pending.insert(page, Pending { faults: vec![at] });
+        FaultAction::Fetch
     }
 
     /// `page` is present now; returns the read times of the faults that waited on it.
@@ -148,12 +71,45 @@ impl DemandTable {
         self.pending.remove(&page).map(|p| p.faults)
     }
 
-    /// Requests in flight (page, request id), for resending after a reconnect.
-    pub fn in_flight(&self) -> impl Iterator<Item = (u64, u64)> + '_ {
-        self.pending.iter().map(|(pg, p)| (*pg, p.request_id))
+    /// Resolves every pending page in `[first, first + count)` for which
+    /// `present` holds, calling `f` with each fault's read time.
+    pub fn resolve_range(
+        &mut self,
+        first: u64,
+        count: u64,
+        present: impl Fn(u64) -> bool,
+        mut f: impl FnMut(u64, Instant),
+    ) {
+        if self.pending.is_empty() {
+            return;
+        }
+        let end = first.saturating_add(count);
+        let hit: Vec<u64> = if count as usize > self.pending.len() {
+            self.pending
+                .keys()
+                .copied()
+                .filter(|&p| p >= first && p < end && present(p))
+                .collect()
+        } else {
+            (first..end)
+                .filter(|p| self.pending.contains_key(p) && present(*p))
+                .collect()
+        };
+        for p in hit {
+            if let Some(e) = self.pending.remove(&p) {
+                for t in e.faults {
+                    f(p, t);
+                }
+            }
+        }
     }
 
-    /// Number of pages with a request in flight.
+    /// Pages with a fetch in flight, for re-requesting after a reconnect.
+    pub fn pages(&self) -> impl Iterator<Item = u64> + '_ {
+        self.pending.keys().copied()
+    }
+
+    /// Number of pages with a fetch in flight.
     pub fn len(&self) -> usize {
         self.pending.len()
     }
@@ -164,9 +120,10 @@ impl DemandTable {
     }
 }
 
-/// The prefetch window around a fault: `before` pages before it and `after` pages
-/// after it, clipped to the region. Returns (first, count), fault page included.
-pub fn prefetch_window(page: u64, region_pages: u64, before: u32, after: u32) -> (u64, u64) {
+/// The prefetch window around a fault: `before` pages before it and `after`
+/// pages after it, clipped to the region. Returns (first, count), fault page
+/// included.
+pub fn prefetch_window(page: u64, region_pages: u64, before: u16, after: u16) -> (u64, u64) {
     let first = page.saturating_sub(u64::from(before));
     let end = page
         .saturating_add(u64::from(after))
@@ -184,17 +141,20 @@ pub struct PushPlan {
     space: PageSpace,
     sent: AtomicBitmap,
     cursor: AtomicU64,
+    /// Global pages below this are classified (scanned); the sweep stops here.
+    scanned: AtomicU64,
     hints: Mutex<VecDeque<(u64, u64)>>,
 }
 
 impl PushPlan {
-    /// A plan over every page of `space`, none sent yet.
+    /// A plan over every page of `space`, none sent, none scanned.
     pub fn new(space: PageSpace) -> PushPlan {
         let total = space.total();
         PushPlan {
             space,
             sent: AtomicBitmap::new(total),
             cursor: AtomicU64::new(0),
+            scanned: AtomicU64::new(0),
             hints: Mutex::new(VecDeque::new()),
         }
     }
@@ -204,25 +164,50 @@ impl PushPlan {
         &self.space
     }
 
-    /// Pages that have been handed out or sent on the demand lane.
+    /// The `sent` bitmap (pages handed out, sent on demand, or known zero).
+    pub fn sent(&self) -> &AtomicBitmap {
+        &self.sent
+    }
+
+    /// Pages handed out, sent, or known to be zero.
     pub fn sent_count(&self) -> u64 {
         self.sent.count()
     }
 
-    /// Marks pages as sent by the demand lane so that no pusher sends them again.
-    pub fn mark_sent(&self, region: usize, first: u64, count: u64) {
+    /// Marks global pages as sent (on the demand lane, or as known-zero ranges).
+    pub fn mark_sent(&self, global_first: u64, count: u64) -> u64 {
+        self.sent.set_range(global_first, count)
+    }
+
+    /// Marks pages of region `region` as sent.
+    pub fn mark_sent_in(&self, region: usize, first: u64, count: u64) {
         if let Some(s) = self.space.span(region) {
             self.sent
                 .set_range(s.first + first, count.min(s.pages.saturating_sub(first)));
         }
     }
 
-    /// Marks pages as already present on the destination (resume, or pre-copy rounds).
-    pub fn mark_present(&self, global_first: u64, count: u64) {
-        self.sent.set_range(global_first, count);
+    /// Global pages below `until` are classified: the sweep may go there.
+    pub fn scanned_until(&self, until: u64) {
+        // Release: the zero ranges marked before are visible to a pusher that
+        // Acquire-loads the new limit.
+        self.scanned.fetch_max(until, Ordering::Release);
     }
 
-    /// Asks the pushers to send this window next (a prefetch window around a fault).
+    /// How far the classification reached.
+    pub fn scanned(&self) -> u64 {
+        // Acquire: pairs with `scanned_until`.
+        self.scanned.load(Ordering::Acquire)
+    }
+
+    /// Whether the sweep has caught up with the scanned window.
+    pub fn needs_scan(&self) -> bool {
+        let s = self.scanned();
+        // Relaxed: the cursor only partitions work; claims decide ownership.
+        s < self.space.total() && self.cursor.load(Ordering::Relaxed) >= s
+    }
+
+    /// Asks the lanes to send this window next (a prefetch window around a fault).
     pub fn hint(&self, region: usize, first: u64, count: u64) {
         let Some(s) = self.space.span(region) else {
             return;
@@ -236,9 +221,21 @@ impl PushPlan {
         q.push_back((s.first + first, count.min(s.pages.saturating_sub(first))));
     }
 
-    /// Claims up to `max_pages` pages not sent yet: hinted windows first, then the
-    /// sweep. Returns runs split at region boundaries and at pages already sent;
-    /// returns an empty vector once every page has been claimed.
+    /// Starts the sweep over: every page not in `sent` goes out again (after a
+    /// resume, or a pre-copy round's dirty pages were cleared from `sent`).
+    pub fn restart_sweep(&self) {
+        // Relaxed: pushers pick the new cursor up on their next claim; claims
+        // are decided by the bitmap.
+        self.cursor.store(0, Ordering::Relaxed);
+        if let Ok(mut q) = self.hints.lock() {
+            q.clear();
+        }
+    }
+
+    /// Claims up to `max_pages` pages not sent yet: hinted windows first, then
+    /// the sweep up to the scanned limit. Returns runs split at region
+    /// boundaries and at pages already sent; empty when nothing is claimable
+    /// now (see [`PushPlan::exhausted`] and [`PushPlan::needs_scan`]).
     pub fn next_batch(&self, max_pages: u64) -> Vec<Run> {
         let mut out = Vec::new();
         let mut budget = max_pages.max(1);
@@ -246,7 +243,7 @@ impl PushPlan {
             let hint = self.hints.lock().ok().and_then(|mut q| q.pop_front());
             let Some((first, count)) = hint else { break };
             let take = count.min(budget);
-            self.claim(first, take, &mut out, &mut budget);
+            self.claim(first, first.saturating_add(take), &mut out, &mut budget);
             if take < count {
                 if let Ok(mut q) = self.hints.lock() {
                     q.push_front((first + take, count - take));
@@ -256,56 +253,63 @@ impl PushPlan {
                 return out;
             }
         }
-        let total = self.space.total();
+        let limit = self.scanned().min(self.space.total());
         while budget > 0 {
-            // Relaxed: the cursor only partitions work; the per-page test-and-set in
-            // `claim` is what decides ownership.
-            let start = self.cursor.fetch_add(budget, Ordering::Relaxed);
-            if start >= total {
+            // Relaxed: the cursor only partitions work; claims decide ownership.
+            let from = self.cursor.load(Ordering::Relaxed);
+            if from >= limit {
                 break;
             }
-            let take = budget.min(total - start);
-            self.claim(start, take, &mut out, &mut budget);
-            if !out.is_empty() {
+            let Some(start) = self.sent.next_clear(from).filter(|&s| s < limit) else {
+                // Relaxed: as above.
+                self.cursor.fetch_max(limit, Ordering::Relaxed);
                 break;
-            }
+            };
+            let end = start.saturating_add(budget).min(limit);
+            // Relaxed: as above; two lanes may claim from overlapping windows,
+            // and the bitmap gives each page to one of them.
+            self.cursor.fetch_max(end, Ordering::Relaxed);
+            self.claim(start, end, &mut out, &mut budget);
         }
         out
     }
 
-    /// True once the sweep has passed the end and no window is waiting.
+    /// True once every page is sent and no window is waiting.
     pub fn exhausted(&self) -> bool {
-        // Relaxed: a hint added later is still served by a pusher that is not yet done.
-        self.cursor.load(Ordering::Relaxed) >= self.space.total()
-            && self.hints.lock().map(|q| q.is_empty()).unwrap_or(true)
+        self.sent.all_set() && self.hints.lock().map(|q| q.is_empty()).unwrap_or(true)
     }
 
-    fn claim(&self, first: u64, count: u64, out: &mut Vec<Run>, budget: &mut u64) {
-        let end = first.saturating_add(count).min(self.space.total());
+    /// Claims the clear bits of `[first, end)`, skipping sent stretches.
+    fn claim(&self, first: u64, end: u64, out: &mut Vec<Run>, budget: &mut u64) {
+        let end = end.min(self.space.total());
         let mut g = first;
-        while g < end {
+        while g < end && *budget > 0 {
             let Some((region, _)) = self.space.locate(g) else {
                 break;
             };
-            let span = self.space.spans[region];
+            let span = self.space.spans()[region];
             let region_end = (span.first + span.pages).min(end);
             let mut run: Option<Run> = None;
-            while g < region_end {
+            while g < region_end && *budget > 0 {
                 if self.sent.test_and_set(g) {
                     if let Some(r) = run.take() {
                         out.push(r);
                     }
-                } else {
-                    *budget = budget.saturating_sub(1);
-                    match &mut run {
-                        Some(r) => r.count += 1,
-                        None => {
-                            run = Some(Run {
-                                region,
-                                first: g - span.first,
-                                count: 1,
-                            })
-                        }
+                    g = self
+                        .sent
+                        .next_clear(g + 1)
+                        .map_or(region_end, |n| n.min(region_end));
+                    continue;
+                }
+                *budget -= 1;
+                match &mut run {
+                    Some(r) => r.count += 1,
+                    None => {
+                        run = Some(Run {
+                            region,
+                            first: g - span.first,
+                            count: 1,
+                        })
                     }
                 }
                 g += 1;
@@ -321,193 +325,114 @@ impl PushPlan {
 mod tests {
     use super::*;
     use proptest::prelude::*;
-    use ringfault_proto::{PageSize, RegionDesc};
+    use ringfault_proto::{Layout, PageSize, RegionDesc};
 
-    fn layout(sizes: &[u64]) -> Layout {
-        Layout {
+    fn space(sizes: &[u64]) -> PageSpace {
+        let layout = Layout {
             regions: sizes
                 .iter()
                 .enumerate()
                 .map(|(i, &pages)| RegionDesc {
-                    id: u32::try_from(i).unwrap() + 10,
+                    id: u32::try_from(i).unwrap(),
                     page_size: PageSize::Size4K,
                     size: pages * 4096,
                 })
                 .collect(),
-        }
+        };
+        PageSpace::new(&layout, &[])
     }
 
     #[test]
-    fn locate_maps_global_pages_to_regions() {
-        let s = PageSpace::new(&layout(&[3, 5]));
-        assert_eq!(s.total(), 8);
-        assert_eq!(s.locate(0), Some((0, 0)));
-        assert_eq!(s.locate(2), Some((0, 2)));
-        assert_eq!(s.locate(3), Some((1, 0)));
-        assert_eq!(s.locate(7), Some((1, 4)));
-        assert_eq!(s.locate(8), None);
-        assert_eq!(s.index_of(11), Some(1));
-    }
-
-    #[test]
-    fn duplicate_faults_coalesce_into_one_request() {
+    fn coalesces_and_resolves() {
         let mut t = DemandTable::new();
         let now = Instant::now();
-        let FaultAction::Request(id) = t.fault(7, now) else {
-            panic!("first fault must request")
-        };
-        assert_eq!(t.fault(7, now), FaultAction::Coalesced);
-        assert_eq!(t.fault(7, now), FaultAction::Coalesced);
-        assert!(matches!(t.fault(8, now), FaultAction::Request(i) if i != id));
-        assert_eq!(t.resolved(7).map(|v| v.len()), Some(3));
-        assert!(t.resolved(7).is_none(), "resolved twice");
-        assert!(matches!(t.fault(7, now), FaultAction::Request(_)));
+        assert_eq!(t.fault(5, now), FaultAction::Fetch);
+        assert_eq!(t.fault(5, now), FaultAction::Coalesced);
+        assert_eq!(t.fault(9, now), FaultAction::Fetch);
+        let mut seen = Vec::new();
+        t.resolve_range(0, 8, |_| true, |p, _| seen.push(p));
+        assert_eq!(seen, vec![5, 5]);
+        assert_eq!(t.len(), 1);
+        t.resolve_range(9, 1, |_| false, |p, _| seen.push(p));
+        assert_eq!(t.len(), 1);
     }
 
     #[test]
-    fn prefetch_window_is_clipped_to_the_region() {
-        assert_eq!(prefetch_window(10, 100, 2, 3), (8, 6));
-        assert_eq!(prefetch_window(0, 100, 4, 0), (0, 1));
-        assert_eq!(prefetch_window(99, 100, 0, 8), (99, 1));
-        assert_eq!(prefetch_window(50, 100, 0, 0), (50, 1));
+    fn window_clips() {
+        assert_eq!(prefetch_window(2, 10, 4, 3), (0, 6));
+        assert_eq!(prefetch_window(8, 10, 0, 15), (8, 2));
     }
 
     #[test]
-    fn hinted_windows_go_before_the_sweep() {
-        let plan = PushPlan::new(PageSpace::new(&layout(&[1000])));
-        plan.hint(0, 500, 4);
-        let b = plan.next_batch(8);
-        assert_eq!(
-            b[0],
-            Run {
-                region: 0,
-                first: 500,
-                count: 4
-            }
-        );
-        assert_eq!(
-            b[1],
-            Run {
-                region: 0,
-                first: 0,
-                count: 4
-            }
-        );
-    }
-
-    #[test]
-    fn demand_sent_pages_are_skipped_by_the_sweep() {
-        let plan = PushPlan::new(PageSpace::new(&layout(&[16])));
-        plan.mark_sent(0, 3, 2);
-        let b = plan.next_batch(16);
+    fn sweep_stops_at_scanned_limit_and_skips_sent() {
+        let p = PushPlan::new(space(&[100, 50]));
+        assert!(p.next_batch(10).is_empty());
+        assert!(p.needs_scan());
+        p.mark_sent(0, 40);
+        p.scanned_until(120);
+        let b = p.next_batch(70);
         assert_eq!(
             b,
             vec![
                 Run {
                     region: 0,
-                    first: 0,
-                    count: 3
-                },
-                Run {
-                    region: 0,
-                    first: 5,
-                    count: 11
-                }
-            ]
-        );
-        assert!(plan.next_batch(16).is_empty());
-        assert!(plan.exhausted());
-    }
-
-    #[test]
-    fn runs_never_cross_regions() {
-        let plan = PushPlan::new(PageSpace::new(&layout(&[3, 4])));
-        let b = plan.next_batch(100);
-        assert_eq!(
-            b,
-            vec![
-                Run {
-                    region: 0,
-                    first: 0,
-                    count: 3
+                    first: 40,
+                    count: 60
                 },
                 Run {
                     region: 1,
                     first: 0,
-                    count: 4
+                    count: 10
                 }
             ]
         );
-    }
-
-    #[test]
-    fn concurrent_pushers_send_each_page_exactly_once() {
-        let plan = std::sync::Arc::new(PushPlan::new(PageSpace::new(&layout(&[5000, 3001]))));
-        for p in (0..5000).step_by(97) {
-            plan.hint(0, p, 9);
-        }
-        let seen: Vec<Vec<Run>> = std::thread::scope(|s| {
-            let hs: Vec<_> = (0..4)
-                .map(|_| {
-                    let plan = plan.clone();
-                    s.spawn(move || {
-                        let mut mine = Vec::new();
-                        loop {
-                            let b = plan.next_batch(64);
-                            if b.is_empty() {
-                                break;
-                            }
-                            mine.extend(b);
-                        }
-                        mine
-                    })
-                })
-                .collect();
-            hs.into_iter().map(|h| h.join().unwrap()).collect()
-        });
-        let mut hits = vec![0u8; 8001];
-        for r in seen.iter().flatten() {
-            let base = if r.region == 0 { 0 } else { 5000 };
-            for p in r.first..r.first + r.count {
-                hits[usize::try_from(base + p).unwrap()] += 1;
-            }
-        }
-        assert!(hits.iter().all(|&h| h == 1), "every page exactly once");
+        assert_eq!(
+            p.next_batch(70),
+            vec![Run {
+                region: 1,
+                first: 10,
+                count: 10
+            }]
+        );
+        assert!(p.next_batch(70).is_empty());
+        p.scanned_until(150);
+        p.hint(1, 45, 3);
+        assert_eq!(
+            p.next_batch(2),
+            vec![Run {
+                region: 1,
+                first: 45,
+                count: 2
+            }]
+        );
+        let rest: u64 = p.next_batch(1000).iter().map(|r| r.count).sum();
+        assert_eq!(rest, 28);
+        assert!(p.exhausted());
     }
 
     proptest! {
         #[test]
-        fn batches_cover_every_unsent_page_once(
-            sizes in proptest::collection::vec(1u64..200, 1..4),
-            hints in proptest::collection::vec((0u64..200, 1u64..20), 0..10),
-            demand in proptest::collection::vec((0u64..200, 1u64..5), 0..10),
-            batch in 1u64..50,
-        ) {
-            let space = PageSpace::new(&layout(&sizes));
-            let total = space.total();
-            let plan = PushPlan::new(space);
-            let mut expect = vec![1u8; usize::try_from(total).unwrap()];
-            for &(p, c) in &demand {
-                let p = p % sizes[0];
-                plan.mark_sent(0, p, c);
-                for g in p..(p + c).min(sizes[0]) { expect[usize::try_from(g).unwrap()] = 0; }
+        fn every_page_once(sizes in proptest::collection::vec(1u64..300, 1..5), batch in 1u64..200, pre in proptest::collection::vec((0u64..1200, 1u64..50), 0..8)) {
+            let s = space(&sizes);
+            let total = s.total();
+            let p = PushPlan::new(s);
+            let mut seen = vec![0u32; usize::try_from(total).unwrap()];
+            for (f, c) in pre {
+                let f = f % total;
+                let c = c.min(total - f);
+                p.mark_sent(f, c);
+                for i in f..f + c { seen[usize::try_from(i).unwrap()] = 1; }
             }
-            for &(p, c) in &hints { plan.hint(0, p % sizes[0], c); }
-            let mut got = vec![0u8; expect.len()];
+            p.scanned_until(total);
             loop {
-                let b = plan.next_batch(batch);
+                let b = p.next_batch(batch);
                 if b.is_empty() { break; }
-                let n: u64 = b.iter().map(|r| r.count).sum();
-                prop_assert!(n <= batch);
                 for r in b {
-                    let s = plan.space().span(r.region).unwrap();
-                    prop_assert!(r.first + r.count <= s.pages);
-                    for p in r.first..r.first + r.count {
-                        got[usize::try_from(s.first + p).unwrap()] += 1;
-                    }
+                    let g = p.space().global(r.region, r.first).unwrap();
+                    for i in g..g + r.count { seen[usize::try_from(i).unwrap()] += 1; }
                 }
             }
-            prop_assert_eq!(got, expect);
+            prop_assert!(seen.iter().all(|&c| c == 1));
         }
     }
 }

@@ -171,8 +171,26 @@ pub struct ChannelReport {
     pub lane: &'static str,
     /// Bytes read from this connection.
     pub bytes: u64,
+    /// Frames handled.
+    pub frames: u64,
     /// Bytes per 100 ms step since the session began.
     pub bytes_per_step: Vec<u64>,
+    /// Receives in flight (receive buffers posted to the kernel and not yet
+    /// filled), the fewest seen at any receive.
+    pub recv_in_flight_min: usize,
+    /// The same, on average over receives.
+    pub recv_in_flight_mean: f64,
+}
+
+/// `a / b` as a float, for reports (0 when `b` is 0).
+pub fn ratio(a: u64, b: u64) -> f64 {
+    if b == 0 {
+        return 0.0;
+    }
+    // Lossy above 2^53: fine for a report.
+    #[allow(clippy::cast_precision_loss)]
+    let r = a as f64 / b as f64;
+    r
 }
 
 /// What the destination measured.
@@ -212,6 +230,12 @@ pub struct DestinationReport {
     pub fault_service_cdf: Vec<(f64, f64)>,
     /// Per-channel traffic.
     pub channels: Vec<ChannelReport>,
+    /// Frame protection: `none`, `mac` or `aead`.
+    pub protection: String,
+    /// Resumes after a broken link.
+    pub resumes: u32,
+    /// Bytes of page-state metadata (the present bitmap) allocated.
+    pub metadata_bytes: u64,
 }
 
 impl DestinationReport {
@@ -242,6 +266,9 @@ impl DestinationReport {
             fault_service: LatencySummary::of(h),
             fault_service_cdf: cdf_points(h),
             channels,
+            protection: String::new(),
+            resumes: 0,
+            metadata_bytes: 0,
         }
     }
 
@@ -272,6 +299,14 @@ pub struct SourceReport {
     pub wire_bytes: u64,
     /// True once the destination confirmed every page and released the source.
     pub released: bool,
+    /// Resumes after a broken link.
+    pub resumes: u64,
+    /// Frame protection: `none`, `mac` or `aead`.
+    pub protection: String,
+    /// Seconds spent classifying pages (page-table scans and zero checks).
+    pub classify_s: f64,
+    /// Bytes of page-state metadata (the sent bitmap) allocated.
+    pub metadata_bytes: u64,
 }
 
 /// Session ids in reports.

@@ -1,11 +1,14 @@
 //! `Hello`, `Challenge` and `Welcome` body decoders: never panic; an accepted
 //! body re-encodes to the same bytes (the MAC inputs), and authentication
-//! of arbitrary accepted messages never panics.
+//! and key derivation over arbitrary accepted messages never panic and give
+//! one key per direction.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
 use ringfault_proto::auth::{self, PresharedKey};
-use ringfault_proto::{Challenge, Hello, Proof, Welcome, HELLO_BODY_LEN, MAX_REGIONS};
+use ringfault_proto::{
+    Challenge, Hello, Proof, Welcome, HELLO_BODY_LEN, LANE_ALIGN_PAYLOAD, MAX_REGIONS, VERSION,
+};
 
 fuzz_target!(|data: &[u8]| {
     let Some((&selector, body)) = data.split_first() else {
@@ -16,11 +19,14 @@ fuzz_target!(|data: &[u8]| {
             if let Ok(h) = Hello::decode_body(body) {
                 assert_eq!(&h.encode_body()[..], body);
                 assert!(h.channel < h.channel_count);
+                assert_eq!(h.version, VERSION);
+                assert_eq!(h.lane_flags & !LANE_ALIGN_PAYLOAD, 0);
             }
         }
         1 => {
             if let Ok(c) = Challenge::decode_body(body) {
                 assert_eq!(&c.encode_body()[..], body);
+                assert_eq!(c.version, VERSION);
             }
         }
         2 => {
@@ -46,6 +52,8 @@ fuzz_target!(|data: &[u8]| {
                 mac: auth::destination_mac(&key, &h, &c),
             };
             assert_eq!(auth::verify_destination(&key, &h, &c, &proof), Ok(()));
+            let keys = auth::derive_keys(&key, &h, &c, &proof);
+            assert_ne!(keys.d2s, keys.s2d);
         }
     }
 });

@@ -10,9 +10,19 @@
 //! Both tags cover both fresh nonces, so neither can be replayed from an
 //! earlier connection, and the distinct labels stop a tag from being
 //! reflected to the other side. `mac_d` covers the whole Challenge, so a
-//! tampered capability set is caught by the source before it sends the
-//! layout. Tags are compared in constant time. This authenticates; it does
-//! not encrypt: page contents travel in clear.
+//! tampered capability set or protection mode is caught by the source
+//! before it sends the layout. Tags are compared in constant time.
+//!
+//! The handshake then yields one key per direction of this connection
+//! ([`derive_keys`]), which seals every later frame ([`crate::seal`]):
+//!
+//! ```text
+//! prk   = HMAC(k, "ringfault/2 keys" || Hello body || Challenge body || mac_d)
+//! k_d2s = HMAC(prk, "destination to source"),  k_s2d = HMAC(prk, "source to destination")
+//! ```
+//!
+//! Every connection has fresh nonces, so every lane and every resumed
+//! connection has keys of its own.
 
 use hmac::{Hmac, Mac as _};
 use sha2::Sha256;
@@ -25,9 +35,11 @@ type HmacSha256 = Hmac<Sha256>;
 pub const MIN_KEY_LEN: usize = 16;
 
 /// Domain label of the source's tag.
-pub const SOURCE_LABEL: &[u8] = b"ringfault/1 source";
+pub const SOURCE_LABEL: &[u8] = b"ringfault/2 source";
 /// Domain label of the destination's tag.
-pub const DESTINATION_LABEL: &[u8] = b"ringfault/1 destination";
+pub const DESTINATION_LABEL: &[u8] = b"ringfault/2 destination";
+/// Domain label of the connection's key derivation.
+pub const KEYS_LABEL: &[u8] = b"ringfault/2 keys";
 
 /// Authentication failures.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -166,6 +178,53 @@ pub fn verify_destination(
     )
     .verify_slice(&proof.mac)
     .map_err(|_| AuthError::WrongKey)
+}
+
+/// The two frame keys of one connection, one per direction.
+#[derive(Clone, PartialEq, Eq)]
+pub struct ConnectionKeys {
+    /// Seals frames from the destination to the source.
+    pub d2s: [u8; 32],
+    /// Seals frames from the source to the destination.
+    pub s2d: [u8; 32],
+}
+
+impl core::fmt::Debug for ConnectionKeys {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.write_str("ConnectionKeys(<redacted>)")
+    }
+}
+
+/// Derives the connection's frame keys from the pre-shared key and the
+/// whole handshake transcript (both nonces, the protection mode, both tags).
+pub fn derive_keys(
+    key: &PresharedKey,
+    hello: &Hello,
+    challenge: &Challenge,
+    proof: &Proof,
+) -> ConnectionKeys {
+    let prk: [u8; 32] = key
+        .tag(
+            KEYS_LABEL,
+            &[&hello.encode_body(), &challenge.encode_body(), &proof.mac],
+        )
+        .finalize()
+        .into_bytes()
+        .into();
+    let expand = |label: &[u8]| -> [u8; 32] {
+        // HMAC accepts keys of any length: the error arm cannot happen.
+        match <HmacSha256 as hmac::Mac>::new_from_slice(&prk) {
+            Ok(mut m) => {
+                m.update(label);
+                m.finalize().into_bytes().into()
+            }
+            Err(_) => [0u8; 32],
+        }
+    };
+    ConnectionKeys {
+        d2s: expand(b"destination to source"),
+        s2d: expand(b"source to destination"),
+    }
 }
 
 /// Lower-case hex of `bytes`, for log lines.

@@ -182,15 +182,23 @@ pub enum DecodeError {
         /// `payload_len` received.
         payload_len: u32,
     },
-    /// A prefetch window wider than [`MAX_PREFETCH`](crate::MAX_PREFETCH).
+    /// A `Pages` pad longer than [`crate::MAX_PAD_LEN`].
+    #[error("pad of {pad_len} bytes before a payload, at most {max} allowed")]
+    PadTooLarge {
+        /// Pad bytes announced.
+        pad_len: u16,
+        /// [`crate::MAX_PAD_LEN`].
+        max: u16,
+    },
+    /// A prefetch window exceeds [`crate::MAX_PREFETCH`].
     #[error("prefetch window before={before} after={after} exceeds {max} pages per side")]
     PrefetchTooLarge {
         /// Pages requested before the faulting page.
-        before: u32,
+        before: u16,
         /// Pages requested after it.
-        after: u32,
+        after: u16,
         /// The limit.
-        max: u32,
+        max: u16,
     },
     /// Demand requests must have a nonzero id (0 marks background Pages).
     #[error("demand request id 0 is reserved for background pages")]

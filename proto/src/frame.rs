@@ -12,8 +12,8 @@ use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
 
 use crate::error::DecodeError;
 use crate::{
-    CHALLENGE_BODY_LEN, COMPLETE_BODY_LEN, DEMAND_BODY_LEN, FRAME_HEADER_LEN, HELLO_BODY_LEN,
-    MAX_BODY_LEN, PAGES_BODY_LEN, PROOF_BODY_LEN,
+    CHALLENGE_BODY_LEN, COMPLETE_BODY_LEN, FRAME_HEADER_LEN, HELLO_BODY_LEN, MAX_BODY_LEN,
+    PAGES_BODY_LEN, PHASE_BODY_LEN, PROOF_BODY_LEN,
 };
 
 /// Frame kind, `u16` on the wire.
@@ -32,7 +32,7 @@ pub enum MsgKind {
     Welcome = 4,
     /// Source -> destination: a run of pages (payload follows for `Data`).
     Pages = 5,
-    /// Destination -> source: a demand request.
+    /// Destination -> source: the pages some vCPUs faulted on.
     Demand = 6,
     /// Destination -> source on resume: RLE chunk of present pages.
     PresentBitmap = 7,
@@ -46,11 +46,22 @@ pub enum MsgKind {
     Release = 11,
     /// Either way: fatal error, the sender closes the connection.
     Error = 12,
+    /// Either way: the sender is alive (sent on an otherwise idle lane).
+    Heartbeat = 13,
+    /// Source -> destination: RLE chunk of pages that read as zero and were
+    /// never populated; nothing is installed for them.
+    ZeroRanges = 14,
+    /// Source -> destination on resume: the present bitmap was applied.
+    Resumed = 15,
+    /// Source -> destination: a phase boundary of a pre-copy migration.
+    Phase = 16,
+    /// Either way: digests of pages, to verify a finished migration.
+    Digests = 17,
 }
 
 impl MsgKind {
     /// Every kind that may appear on the wire, in wire order.
-    pub const ALL: [MsgKind; 12] = [
+    pub const ALL: [MsgKind; 17] = [
         MsgKind::Hello,
         MsgKind::Challenge,
         MsgKind::Proof,
@@ -63,6 +74,11 @@ impl MsgKind {
         MsgKind::CompleteAck,
         MsgKind::Release,
         MsgKind::Error,
+        MsgKind::Heartbeat,
+        MsgKind::ZeroRanges,
+        MsgKind::Resumed,
+        MsgKind::Phase,
+        MsgKind::Digests,
     ];
 
     /// Decodes a wire value; `Invalid` (0) and unknown values are errors.
@@ -85,13 +101,16 @@ impl MsgKind {
             MsgKind::Challenge => Some(CHALLENGE_BODY_LEN),
             MsgKind::Proof => Some(PROOF_BODY_LEN),
             MsgKind::Pages => Some(PAGES_BODY_LEN),
-            MsgKind::Demand => Some(DEMAND_BODY_LEN),
-            MsgKind::Complete => Some(COMPLETE_BODY_LEN),
-            MsgKind::CompleteAck | MsgKind::Release => Some(0),
+            MsgKind::Complete | MsgKind::Resumed => Some(COMPLETE_BODY_LEN),
+            MsgKind::Phase => Some(PHASE_BODY_LEN),
+            MsgKind::CompleteAck | MsgKind::Release | MsgKind::Heartbeat => Some(0),
             MsgKind::Invalid
             | MsgKind::Welcome
+            | MsgKind::Demand
             | MsgKind::PresentBitmap
             | MsgKind::DiscardList
+            | MsgKind::ZeroRanges
+            | MsgKind::Digests
             | MsgKind::Error => None,
         }
     }

@@ -13,6 +13,7 @@ use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
 
 use crate::error::DecodeError;
 use crate::layout::{Layout, RegionWire};
+use crate::seal::Protection;
 use crate::{
     CHALLENGE_BODY_LEN, HELLO_BODY_LEN, MAGIC, MAX_CHANNELS, MAX_REGIONS, PROOF_BODY_LEN,
     REGION_DESC_LEN, VERSION, WELCOME_HEADER_LEN,
@@ -96,8 +97,10 @@ impl Capabilities {
     pub const DISCARD: Capabilities = Capabilities(1 << 4);
     /// Regions with 2 MiB / 1 GiB pages.
     pub const HUGE_PAGES: Capabilities = Capabilities(1 << 5);
+    /// `Digests` after completion, to verify every page.
+    pub const VERIFY: Capabilities = Capabilities(1 << 6);
     /// Every bit this build knows.
-    pub const KNOWN: Capabilities = Capabilities((1 << 6) - 1);
+    pub const KNOWN: Capabilities = Capabilities((1 << 7) - 1);
 
     /// Bits set in both and known to this build.
     pub const fn intersect(self, other: Capabilities) -> Capabilities {
@@ -160,11 +163,18 @@ struct HelloWire {
     capabilities: U64,
     session: SessionId,
     resume: u8,
-    reserved: [u8; 7],
+    protection: u8,
+    lane_flags: u8,
+    reserved: [u8; 5],
     nonce: Nonce,
 }
 
 const _: () = assert!(size_of::<HelloWire>() == HELLO_BODY_LEN);
+
+/// `Hello::lane_flags` bit: this bulk lane wants every `Data` payload to start
+/// at a multiple of 4 KiB in its byte stream (so that pages can be moved out
+/// of the receive buffer with `UFFDIO_MOVE`), using `Pages::pad_len`.
+pub const LANE_ALIGN_PAYLOAD: u8 = 1;
 
 /// Destination -> Source, first frame on every connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -185,6 +195,10 @@ pub struct Hello {
     pub session: SessionId,
     /// Reconnect to an existing session after a lost link.
     pub resume: bool,
+    /// How frames after the handshake are protected.
+    pub protection: Protection,
+    /// Per-lane options ([`LANE_ALIGN_PAYLOAD`]).
+    pub lane_flags: u8,
     /// Destination nonce.
     pub nonce: Nonce,
 }
@@ -202,7 +216,9 @@ impl Hello {
             capabilities: U64::new(self.capabilities.0),
             session: self.session,
             resume: u8::from(self.resume),
-            reserved: [0; 7],
+            protection: self.protection.to_wire(),
+            lane_flags: self.lane_flags,
+            reserved: [0; 5],
             nonce: self.nonce,
         };
         let mut out = [0u8; HELLO_BODY_LEN];
@@ -245,7 +261,13 @@ impl Hello {
                 })
             }
         };
-        if w.reserved != [0; 7] {
+        let protection = Protection::from_wire(w.protection, "hello.protection")?;
+        if w.lane_flags & !LANE_ALIGN_PAYLOAD != 0 {
+            return Err(DecodeError::ReservedNonzero {
+                field: "hello.lane_flags",
+            });
+        }
+        if w.reserved != [0; 5] {
             return Err(DecodeError::ReservedNonzero {
                 field: "hello.reserved",
             });
@@ -259,6 +281,8 @@ impl Hello {
             capabilities: Capabilities(w.capabilities.get()),
             session: w.session,
             resume,
+            protection,
+            lane_flags: w.lane_flags,
             nonce: w.nonce,
         })
     }
@@ -270,7 +294,8 @@ struct ChallengeWire {
     magic: U64,
     version: U16,
     role: u8,
-    reserved: [u8; 5],
+    protection: u8,
+    reserved: [u8; 4],
     capabilities: U64,
     session: SessionId,
     nonce: Nonce,
@@ -291,6 +316,9 @@ pub struct Challenge {
     pub capabilities: Capabilities,
     /// Echo of `Hello::session`.
     pub session: SessionId,
+    /// Echo of `Hello::protection`: a source whose policy refuses it answers
+    /// with an `Error` instead.
+    pub protection: Protection,
     /// Source nonce.
     pub nonce: Nonce,
     /// [`crate::auth::source_mac`].
@@ -304,7 +332,8 @@ impl Challenge {
             magic: U64::new(MAGIC),
             version: U16::new(self.version),
             role: self.role as u8,
-            reserved: [0; 5],
+            protection: self.protection.to_wire(),
+            reserved: [0; 4],
             capabilities: U64::new(self.capabilities.0),
             session: self.session,
             nonce: self.nonce,
@@ -331,7 +360,8 @@ impl Challenge {
                 got: role,
             });
         }
-        if w.reserved != [0; 5] {
+        let protection = Protection::from_wire(w.protection, "challenge.protection")?;
+        if w.reserved != [0; 4] {
             return Err(DecodeError::ReservedNonzero {
                 field: "challenge.reserved",
             });
@@ -341,6 +371,7 @@ impl Challenge {
             role,
             capabilities: Capabilities(w.capabilities.get()),
             session: w.session,
+            protection,
             nonce: w.nonce,
             mac: w.mac,
         })
@@ -374,8 +405,9 @@ struct WelcomeWire {
 
 const _: () = assert!(size_of::<WelcomeWire>() == WELCOME_HEADER_LEN);
 
-/// Source -> Destination after it verified `Proof`: the guest memory layout
-/// (only after mutual authentication).
+/// Source -> Destination after it verified `Proof`, the first sealed frame of
+/// the connection: the guest memory layout (only after mutual
+/// authentication, and never alterable on the path).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Welcome {
     /// Echo of the session id.

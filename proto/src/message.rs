@@ -1,6 +1,6 @@
 //! The [`Message`] sum type: frame-level encode and decode.
 
-use crate::control::{Complete, ErrorFrame};
+use crate::control::{Complete, Digests, ErrorFrame, Phase};
 use crate::demand::DemandRequest;
 use crate::error::DecodeError;
 use crate::frame::{body_len_usize, check_body_len, FrameHeader, MsgKind};
@@ -28,6 +28,8 @@ pub enum Message {
     PresentBitmap(RleChunk),
     /// Source -> destination at switch-over: pages to discard.
     DiscardList(RleChunk),
+    /// Source -> destination: never-populated pages, which read as zero.
+    ZeroRanges(RleChunk),
     /// See [`Complete`].
     Complete(Complete),
     /// See [`crate::CompleteAck`].
@@ -36,6 +38,15 @@ pub enum Message {
     Release,
     /// See [`ErrorFrame`].
     Error(ErrorFrame),
+    /// The sender is alive.
+    Heartbeat,
+    /// Source -> destination on resume: the present bitmap was applied; the
+    /// value is the number of pages the source now counts as present.
+    Resumed(u64),
+    /// See [`Phase`].
+    Phase(Phase),
+    /// See [`Digests`].
+    Digests(Digests),
 }
 
 impl Message {
@@ -50,10 +61,15 @@ impl Message {
             Message::Demand(_) => MsgKind::Demand,
             Message::PresentBitmap(_) => MsgKind::PresentBitmap,
             Message::DiscardList(_) => MsgKind::DiscardList,
+            Message::ZeroRanges(_) => MsgKind::ZeroRanges,
             Message::Complete(_) => MsgKind::Complete,
             Message::CompleteAck => MsgKind::CompleteAck,
             Message::Release => MsgKind::Release,
             Message::Error(_) => MsgKind::Error,
+            Message::Heartbeat => MsgKind::Heartbeat,
+            Message::Resumed(_) => MsgKind::Resumed,
+            Message::Phase(_) => MsgKind::Phase,
+            Message::Digests(_) => MsgKind::Digests,
         }
     }
 
@@ -71,11 +87,16 @@ impl Message {
             Message::Proof(m) => out.extend_from_slice(&m.mac),
             Message::Welcome(m) => m.encode_body(out),
             Message::Pages(m) => out.extend_from_slice(&m.encode_body()),
-            Message::Demand(m) => out.extend_from_slice(&m.encode_body()),
-            Message::PresentBitmap(m) | Message::DiscardList(m) => m.encode_body(out),
+            Message::Demand(m) => m.encode_body(out),
+            Message::PresentBitmap(m) | Message::DiscardList(m) | Message::ZeroRanges(m) => {
+                m.encode_body(out)
+            }
             Message::Complete(m) => out.extend_from_slice(&m.encode_body()),
-            Message::CompleteAck | Message::Release => {}
+            Message::CompleteAck | Message::Release | Message::Heartbeat => {}
             Message::Error(m) => m.encode_body(out),
+            Message::Resumed(n) => out.extend_from_slice(&n.to_le_bytes()),
+            Message::Phase(p) => out.extend_from_slice(&p.encode_body()),
+            Message::Digests(d) => d.encode_body(out),
         }
         let body_len = out.len() - start - FRAME_HEADER_LEN;
         let header = FrameHeader {
@@ -98,8 +119,8 @@ impl Message {
     /// allocates more than about `MAX_BODY_LEN` from peer-given sizes.
     ///
     /// Does not check page references against the layout: call
-    /// `PagesHeader::validate`, `DemandRequest::validate` or
-    /// `RleChunk::validate` with the session's layout.
+    /// `PagesHeader::validate`, `DemandRequest::validate`,
+    /// `RleChunk::validate` or `Digests::validate` with the session's layout.
     pub fn decode(header: &FrameHeader, body: &[u8]) -> Result<Message, DecodeError> {
         let announced = body_len_usize(header.body_len);
         if body.len() < announced {
@@ -124,10 +145,15 @@ impl Message {
             MsgKind::Demand => Message::Demand(DemandRequest::decode_body(body)?),
             MsgKind::PresentBitmap => Message::PresentBitmap(RleChunk::decode_body(body)?),
             MsgKind::DiscardList => Message::DiscardList(RleChunk::decode_body(body)?),
+            MsgKind::ZeroRanges => Message::ZeroRanges(RleChunk::decode_body(body)?),
             MsgKind::Complete => Message::Complete(Complete::decode_body(body)?),
             MsgKind::CompleteAck => Message::CompleteAck,
             MsgKind::Release => Message::Release,
             MsgKind::Error => Message::Error(ErrorFrame::decode_body(body)?),
+            MsgKind::Heartbeat => Message::Heartbeat,
+            MsgKind::Resumed => Message::Resumed(Complete::decode_body(body)?.pages_present),
+            MsgKind::Phase => Message::Phase(Phase::decode_body(body)?),
+            MsgKind::Digests => Message::Digests(Digests::decode_body(body)?),
         })
     }
 }

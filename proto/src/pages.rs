@@ -7,14 +7,15 @@
 //! for the payload: it is the check that bounds the payload and keeps the
 //! write inside the region.
 
-use zerocopy::little_endian::{U32, U64};
+use zerocopy::little_endian::{U16, U32, U64};
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
 
 use crate::error::DecodeError;
 use crate::frame::{FrameHeader, MsgKind};
 use crate::layout::Layout;
 use crate::{
-    FRAME_HEADER_LEN, MAX_PAGES_PER_FRAME, MAX_PAYLOAD_LEN, PAGES_BODY_LEN, PAGES_FRAME_LEN,
+    FRAME_HEADER_LEN, MAX_PAD_LEN, MAX_PAGES_PER_FRAME, MAX_PAYLOAD_LEN, PAGES_BODY_LEN,
+    PAGES_FRAME_LEN,
 };
 
 /// What a `Pages` frame carries; `u8` on the wire, 0 is invalid.
@@ -48,7 +49,8 @@ impl PageKind {
 struct PagesWire {
     region: U32,
     kind: u8,
-    reserved: [u8; 3],
+    reserved: u8,
+    pad_len: U16,
     first_page: U64,
     count: U32,
     payload_len: U32,
@@ -57,42 +59,54 @@ struct PagesWire {
 
 const _: () = assert!(size_of::<PagesWire>() == PAGES_BODY_LEN);
 
-/// Source -> Destination. For `Data`, `payload_len == count * page_size` and
-/// the payload follows the body. `Zero`/`Unpopulated`: `payload_len == 0`.
+/// Source -> Destination. For `Data`, `pad_len` zero bytes and then
+/// `payload_len == count * page_size` bytes of pages follow the body (at most
+/// [`MAX_PAGES_PER_FRAME`] pages). `Zero`/`Unpopulated`: no pad, no payload,
+/// and up to `u32::MAX` pages in one frame.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PagesHeader {
     /// Region id.
     pub region: u32,
     /// Payload kind.
     pub kind: PageKind,
+    /// Zero bytes between the body and the payload (`Data` only, at most
+    /// [`MAX_PAD_LEN`]): they align the payload in the lane's byte stream
+    /// when the lane asked for it (`LANE_ALIGN_PAYLOAD`).
+    pub pad_len: u16,
     /// First page index within the region.
     pub first_page: u64,
-    /// Number of pages, `1..=MAX_PAGES_PER_FRAME`.
+    /// Number of pages, nonzero.
     pub count: u32,
-    /// Payload bytes after the body.
+    /// Payload bytes after the pad.
     pub payload_len: u32,
     /// Echo of the `DemandRequest::request_id` this answers; 0 = background.
     pub request_id: u64,
 }
 
 impl PagesHeader {
-    /// Checks region exists, `count > 0`, `count <= MAX_PAGES_PER_FRAME`,
-    /// `first_page + count` within the region without overflow, and the
-    /// payload length rule; returns the byte length of the payload.
+    /// Checks region exists, `count > 0`, `count <= MAX_PAGES_PER_FRAME` for
+    /// data, `first_page + count` within the region without overflow, the pad
+    /// and the payload length rule; returns the byte length of the payload.
     pub fn validate(&self, layout: &Layout) -> Result<u64, DecodeError> {
         let region = layout.require_region(self.region)?;
         if self.count == 0 {
             return Err(DecodeError::ZeroCount);
         }
-        if self.count > MAX_PAGES_PER_FRAME {
-            return Err(DecodeError::CountTooLarge {
-                count: u64::from(self.count),
-                max: u64::from(MAX_PAGES_PER_FRAME),
-            });
-        }
         region.check_range(self.first_page, u64::from(self.count))?;
         match self.kind {
             PageKind::Data => {
+                if self.count > MAX_PAGES_PER_FRAME {
+                    return Err(DecodeError::CountTooLarge {
+                        count: u64::from(self.count),
+                        max: u64::from(MAX_PAGES_PER_FRAME),
+                    });
+                }
+                if self.pad_len > MAX_PAD_LEN {
+                    return Err(DecodeError::PadTooLarge {
+                        pad_len: self.pad_len,
+                        max: MAX_PAD_LEN,
+                    });
+                }
                 // count <= 2^16 and page size <= 2^30: no overflow.
                 let expected = u64::from(self.count) << region.page_size.shift();
                 if expected > u64::from(MAX_PAYLOAD_LEN) {
@@ -108,7 +122,7 @@ impl PagesHeader {
                 Ok(expected)
             }
             PageKind::Zero | PageKind::Unpopulated => {
-                if self.payload_len != 0 {
+                if self.payload_len != 0 || self.pad_len != 0 {
                     return Err(DecodeError::PayloadForNonData {
                         kind: self.kind,
                         payload_len: self.payload_len,
@@ -124,7 +138,8 @@ impl PagesHeader {
         let wire = PagesWire {
             region: U32::new(self.region),
             kind: self.kind as u8,
-            reserved: [0; 3],
+            reserved: 0,
+            pad_len: U16::new(self.pad_len),
             first_page: U64::new(self.first_page),
             count: U32::new(self.count),
             payload_len: U32::new(self.payload_len),
@@ -143,7 +158,7 @@ impl PagesHeader {
             expected: PAGES_BODY_LEN,
         })?;
         let kind = PageKind::from_wire(w.kind)?;
-        if w.reserved != [0; 3] {
+        if w.reserved != 0 {
             return Err(DecodeError::ReservedNonzero {
                 field: "pages.reserved",
             });
@@ -151,6 +166,7 @@ impl PagesHeader {
         Ok(PagesHeader {
             region: w.region.get(),
             kind,
+            pad_len: w.pad_len.get(),
             first_page: w.first_page.get(),
             count: w.count.get(),
             payload_len: w.payload_len.get(),
@@ -159,9 +175,9 @@ impl PagesHeader {
     }
 }
 
-/// Hot path helper: fixed-size encoded Pages frame (header+body) without
-/// allocation.
-pub fn encode_pages_frame(h: &PagesHeader) -> [u8; PAGES_FRAME_LEN] {
+/// Hot path: the frame header and body of a `Pages` frame, without
+/// allocation (the pad, payload and tag follow).
+pub fn encode_pages_head(h: &PagesHeader) -> [u8; PAGES_FRAME_LEN] {
     let mut out = [0u8; PAGES_FRAME_LEN];
     let header = FrameHeader {
         kind: MsgKind::Pages,

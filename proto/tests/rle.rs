@@ -165,3 +165,27 @@ fn random_half_full_bitmap_splits_into_chunks() {
 fn empty_region_gives_no_chunk() {
     assert!(encode_rle_chunks(3, 0, [(0, 5)]).is_empty());
 }
+
+#[test]
+fn zero_ranges_chunks_round_trip() {
+    // ZeroRanges carries the same chunks as PresentBitmap, under its own kind.
+    let pages = 5000u64;
+    let ranges = [(0u64, 10u64), (100, 1), (4990, 10)];
+    let chunks = encode_rle_chunks_limited(3, pages, ranges, 24);
+    let mut next = 0;
+    let mut set = Vec::new();
+    for c in &chunks {
+        let bytes = Message::ZeroRanges(c.clone()).to_vec();
+        assert_eq!(bytes[..2], MsgKind::ZeroRanges.to_wire().to_le_bytes());
+        let Ok(Message::ZeroRanges(d)) = decode_bytes(&bytes) else {
+            panic!("ZeroRanges chunk did not decode")
+        };
+        assert_eq!(&d, c);
+        assert_eq!(d.validate(&one_region(pages)), Ok(()));
+        assert_eq!(d.first_page, next);
+        next += d.page_count;
+        set.extend(d.set_ranges());
+    }
+    assert_eq!(next, pages);
+    assert_eq!(normalise(&set), ranges);
+}

@@ -35,83 +35,137 @@ impl From<Install> for InstallMode {
     }
 }
 
-/// How the source sends page data.
+/// How frames are protected on the wire.
 #[derive(
     Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize,
 )]
 #[serde(rename_all = "kebab-case")]
-pub enum Send {
-    /// `writev(2)` straight from guest memory.
-    Writev,
-    /// io_uring `SENDMSG_ZC` from guest memory (copies anyway on loopback).
-    #[value(name = "zerocopy")]
-    #[serde(rename = "zerocopy")]
-    ZeroCopy,
+pub enum Integrity {
+    /// Every frame authenticated with a tag (the default).
+    Mac,
+    /// No tags: anyone on the path can change pages. An explicit choice.
+    None,
 }
 
-/// Engine options shared by `receive` and `bench`. The bench applies the
-/// scheduling ones (`--spin-us`, `--no-pin`, `--no-realtime`) to both ends.
+/// Options of both ends (`serve`, `receive`, `uffd-handler`, `bench`).
 #[derive(Debug, Clone, clap::Args, serde::Serialize, serde::Deserialize)]
-pub struct DestOptions {
-    /// Bulk connections (each with its own worker thread), plus one demand lane.
-    #[arg(long, default_value_t = 1)]
-    pub channels: u16,
-    /// How pages are installed.
-    #[arg(long, value_enum, default_value = "copy")]
-    pub install: Install,
-    /// Pages prefetched after a faulting page (0: none).
-    #[arg(long, default_value_t = 15)]
-    pub prefetch: u32,
-    /// Pages prefetched before a faulting page.
-    #[arg(long, default_value_t = 0)]
-    pub prefetch_before: u32,
-    /// How long the fault worker (and the source's demand thread) polls before it
-    /// sleeps, in µs (default: the engine's).
+pub struct EngineOptions {
+    /// Frame integrity: `mac` authenticates every frame (the default); `none`
+    /// turns that off, and must be set on both ends.
+    #[arg(long, value_enum, default_value = "mac")]
+    pub integrity: Integrity,
+    /// Encrypt page contents too (AES-256-GCM); both ends must set it.
     #[arg(long)]
-    pub spin_us: Option<u64>,
+    pub encrypt: bool,
+    /// Declare a lane dead after this long without a byte from the peer.
+    #[arg(long, default_value = "10s", value_parser = crate::bench::units::parse_duration)]
+    pub liveness: Duration,
+    /// Keep trying to resume a broken link for this long (0s: never resume).
+    #[arg(long, default_value = "300s", value_parser = crate::bench::units::parse_duration)]
+    pub resume_timeout: Duration,
     /// Do not pin the engine's workers to cores.
     #[arg(long)]
     pub no_pin: bool,
     /// Do not run the demand path SCHED_FIFO and bulk work SCHED_BATCH.
     #[arg(long)]
     pub no_realtime: bool,
-    /// How the source sends (set by `bench --send`; the source's choice).
-    #[arg(skip = Send::Writev)]
-    pub send: Send,
+    /// Source: pages per bulk data frame (tuning).
+    #[arg(long, hide = true, default_value_t = 256)]
+    pub frame_pages: u32,
+    /// Source: bytes per bulk send (tuning).
+    #[arg(long, hide = true, default_value = "2M", value_parser = crate::bench::units::parse_size)]
+    pub batch_bytes: u64,
+}
+
+impl EngineOptions {
+    /// The frame protection both ends use.
+    pub fn protection(&self) -> anyhow::Result<ringfault_engine::Protection> {
+        Ok(match (self.encrypt, self.integrity) {
+            (true, Integrity::None) => {
+                anyhow::bail!("--encrypt authenticates every frame too: it cannot be combined with --integrity none")
+            }
+            (true, Integrity::Mac) => ringfault_engine::Protection::Aead,
+            (false, Integrity::Mac) => ringfault_engine::Protection::Mac,
+            (false, Integrity::None) => ringfault_engine::Protection::None,
+        })
+    }
+
+    /// The source's configuration.
+    pub fn source_config(
+        &self,
+        key: ringfault_proto::auth::PresharedKey,
+    ) -> anyhow::Result<ringfault_engine::SourceConfig> {
+        let mut cfg = ringfault_engine::SourceConfig::new(key);
+        cfg.pin_workers &= !self.no_pin;
+        cfg.prioritize_demand &= !self.no_realtime;
+        cfg.protection = self.protection()?;
+        cfg.liveness = self.liveness;
+        cfg.resume_timeout = self.resume_timeout;
+        cfg.frame_pages = self.frame_pages;
+        cfg.batch_bytes = usize::try_from(self.batch_bytes)?;
+        Ok(cfg)
+    }
+}
+
+/// Destination options (`receive`, `uffd-handler`, `bench`).
+#[derive(Debug, Clone, clap::Args, serde::Serialize, serde::Deserialize)]
+pub struct DestOptions {
+    /// Bulk connections (each with its own worker thread), plus one demand lane.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub channels: u16,
+    /// How pages are installed.
+    #[arg(long, value_enum, default_value = "copy")]
+    pub install: Install,
+    /// Pages prefetched after a faulting page (0: none).
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u16).range(0..=4096))]
+    pub prefetch: u16,
+    /// Pages prefetched before a faulting page.
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u16).range(0..=4096))]
+    pub prefetch_before: u16,
+    /// Run the first bulk lane in the fault loop's ring instead of its own thread.
+    #[arg(long, hide = true)]
+    pub host_bulk: bool,
+    /// Demand pacing: at most one demand request per this interval on
+    /// average, after a burst (0s: none); faults meanwhile join the next.
+    #[arg(long, default_value = "0s", value_parser = crate::bench::units::parse_duration)]
+    pub demand_interval: Duration,
+    /// Demand requests allowed back to back before pacing applies.
+    #[arg(long, default_value_t = 64)]
+    pub demand_burst: u32,
+    /// Options of both ends.
+    #[command(flatten)]
+    pub engine: EngineOptions,
 }
 
 impl DestOptions {
     /// The destination's configuration.
-    pub fn config(&self, key: ringfault_proto::auth::PresharedKey) -> DestinationConfig {
+    pub fn config(
+        &self,
+        key: ringfault_proto::auth::PresharedKey,
+    ) -> anyhow::Result<DestinationConfig> {
         let mut cfg = DestinationConfig::new(key);
         cfg.bulk_channels = self.channels;
         cfg.install = self.install.into();
         cfg.prefetch_after = self.prefetch;
         cfg.prefetch_before = self.prefetch_before;
-        if let Some(us) = self.spin_us {
-            cfg.spin = Duration::from_micros(us);
-        }
-        cfg.pin_workers &= !self.no_pin;
-        cfg.prioritize_demand &= !self.no_realtime;
-        cfg
+        cfg.protection = self.engine.protection()?;
+        cfg.liveness = self.engine.liveness;
+        cfg.resume_timeout = self.engine.resume_timeout;
+        cfg.host_first_bulk = self.host_bulk;
+        cfg.demand_interval = self.demand_interval;
+        cfg.demand_burst = self.demand_burst;
+        cfg.pin_workers &= !self.engine.no_pin;
+        cfg.prioritize_demand &= !self.engine.no_realtime;
+        cfg.validate()?;
+        Ok(cfg)
     }
 
-    /// The source's configuration (scheduling knobs and send mode).
+    /// The source's configuration (for the bench, which runs both ends).
     pub fn source_config(
         &self,
         key: ringfault_proto::auth::PresharedKey,
-    ) -> ringfault_engine::SourceConfig {
-        let mut cfg = ringfault_engine::SourceConfig::new(key);
-        if let Some(us) = self.spin_us {
-            cfg.spin = Duration::from_micros(us);
-        }
-        cfg.pin_workers &= !self.no_pin;
-        cfg.prioritize_demand &= !self.no_realtime;
-        cfg.send = match self.send {
-            Send::Writev => ringfault_engine::source::SendMode::Writev,
-            Send::ZeroCopy => ringfault_engine::source::SendMode::ZeroCopy,
-        };
-        cfg
+    ) -> anyhow::Result<ringfault_engine::SourceConfig> {
+        self.engine.source_config(key)
     }
 }
 
@@ -141,15 +195,14 @@ pub struct Args {
 pub fn run(args: Args) -> anyhow::Result<()> {
     let key = crate::serve::load_key(&args.key_file)?;
     let addr = PeerAddr::parse(&args.from).context("--from")?;
-    let dest = Destination::connect(&addr, args.dest.config(key))
+    let dest = Destination::connect(&addr, args.dest.config(key)?)
         .with_context(|| format!("connecting to the source at {addr}"))?;
-    let areas = dest.regions();
-    let keep = dest.mappings();
+    let mem = dest.memory();
     let progress = dest.progress();
-    let workload = match areas.first() {
-        Some(&area) if args.threads > 0 => {
+    let workload = match &mem {
+        Some(m) if args.threads > 0 && m.regions().len() == 1 => {
             let vm = VmSpec {
-                size: u64::try_from(area.len())?,
+                size: m.size(),
                 populated: 1.0,
                 seed: 2,
             };
@@ -163,7 +216,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                     log_writes: false,
                     salt: 2,
                 },
-                Arc::new(area),
+                m.clone(),
                 Some(presence),
             )?)
         }
@@ -199,6 +252,6 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     if let Some(p) = args.json {
         std::fs::write(&p, report.to_json()).with_context(|| format!("writing {}", p.display()))?;
     }
-    drop(keep);
+    drop(mem);
     Ok(())
 }

@@ -4,15 +4,11 @@
 //! one destination, and returns once the destination has every page.
 
 use std::io::Write;
-use std::os::fd::AsFd;
 use std::path::PathBuf;
-use std::sync::Arc;
-use std::time::Duration;
 
 use anyhow::Context;
-use ringfault_engine::addr::Listener;
-use ringfault_engine::sys::mapping::GuestMapping;
-use ringfault_engine::{PeerAddr, Source, SourceConfig, SourceRegion};
+use ringfault_engine::source::FileRegion;
+use ringfault_engine::{PeerAddr, Source};
 use ringfault_proto::auth::PresharedKey;
 
 use crate::bench::units::{parse_fraction, parse_size};
@@ -27,7 +23,7 @@ pub struct Args {
     listen: String,
     /// Serve a synthetic VM of this size (e.g. `256M`, `1G`); its workload runs
     /// until the destination connects.
-    #[arg(long, value_parser = parse_size, required_unless_present = "memory_file", conflicts_with = "memory_file")]
+    #[arg(long, value_parser = parse_size)]
     synthetic: Option<u64>,
     /// Synthetic VM: the fraction of pages ever populated.
     #[arg(long, default_value = "1.0", value_parser = parse_fraction)]
@@ -41,10 +37,18 @@ pub struct Args {
     /// Synthetic VM: seed of its contents.
     #[arg(long, default_value_t = 1)]
     seed: u64,
-    /// Serve this file's contents (mapped read-only; its length must be a multiple
-    /// of 4 KiB), e.g. a Firecracker snapshot memory file.
+    /// Serve this file's contents (read, never written), e.g. a Firecracker
+    /// snapshot memory file: all of it as one region of 4 KiB pages, or the
+    /// regions given with --region.
     #[arg(long)]
     memory_file: Option<PathBuf>,
+    /// A region of the memory file: `SIZE[@OFFSET][:PAGE]` (e.g. `128M`,
+    /// `64M@128M`, `512M@0:2M`); repeat for several, in guest order.
+    #[arg(long, value_parser = parse_region, requires = "memory_file")]
+    region: Vec<FileRegion>,
+    /// How the engine runs (protection, liveness, resume, scheduling).
+    #[command(flatten)]
+    engine: crate::receive::EngineOptions,
     /// The pre-shared key, shared with the destination (at least 16 bytes;
     /// trailing whitespace is ignored).
     #[arg(long)]
@@ -62,24 +66,65 @@ pub fn load_key(path: &std::path::Path) -> anyhow::Result<PresharedKey> {
         .with_context(|| format!("the key file {}", path.display()))
 }
 
+/// One region of a memory file: `SIZE[@OFFSET][:PAGE]`.
+fn parse_region(s: &str) -> Result<FileRegion, String> {
+    let (rest, page) = match s.split_once(':') {
+        Some((r, p)) => (r, parse_size(p)?),
+        None => (s, 4096),
+    };
+    let (size, offset) = match rest.split_once('@') {
+        Some((z, o)) => (parse_size(z)?, parse_size(o)?),
+        None => (parse_size(rest)?, 0),
+    };
+    let page_size = ringfault_engine::source::page_size_of(usize::try_from(page).unwrap_or(0))
+        .map_err(|e| e.to_string())?;
+    if size == 0 || size % page != 0 || offset % 4096 != 0 {
+        return Err(format!(
+            "region {s}: the size must be a non-zero multiple of the page size, the offset a multiple of 4 KiB"
+        ));
+    }
+    Ok(FileRegion {
+        id: 0,
+        offset,
+        size,
+        page_size,
+    })
+}
+
 /// Runs the subcommand.
 pub fn run(args: Args) -> anyhow::Result<()> {
     let key = load_key(&args.key_file)?;
-    let (region, workload) = match (&args.memory_file, args.synthetic) {
-        (Some(path), _) => {
+    let cfg = args.engine.source_config(key)?;
+    let addr = PeerAddr::parse(&args.listen).context("--listen")?;
+    let (source, workload) = match (&args.memory_file, args.synthetic) {
+        (Some(path), None) => {
             let file = std::fs::File::open(path)
                 .with_context(|| format!("opening the memory file {}", path.display()))?;
             let len = file
                 .metadata()
                 .with_context(|| format!("reading the size of {}", path.display()))?
                 .len();
-            let len = usize::try_from(len)
-                .with_context(|| format!("{} is too large to map", path.display()))?;
-            let m = GuestMapping::map_file(&file, len)
-                .with_context(|| format!("mapping the memory file {}", path.display()))?;
-            let r = SourceRegion::from_file_mapping(1, Arc::new(m))
+            let mut regions = args.region.clone();
+            if regions.is_empty() {
+                if len == 0 || len % 4096 != 0 {
+                    anyhow::bail!(
+                        "the memory file {} is {len} bytes, not a non-zero multiple of 4 KiB (give --region to serve part of it)",
+                        path.display()
+                    );
+                }
+                regions.push(FileRegion {
+                    id: 0,
+                    offset: 0,
+                    size: len,
+                    page_size: ringfault_proto::PageSize::Size4K,
+                });
+            }
+            for (i, r) in regions.iter_mut().enumerate() {
+                r.id = u32::try_from(i)?;
+            }
+            let s = Source::from_file(&path.display().to_string(), file, regions, cfg)
                 .context("serving the memory file")?;
-            (r, None)
+            (s, None)
         }
         (None, Some(size)) => {
             let vm = VmSpec {
@@ -87,16 +132,31 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 populated: args.populated,
                 seed: args.seed,
             };
+            vm.validate()?;
             let m = vm.build(2).context("building the synthetic VM")?;
-            let r = SourceRegion::from_mapping(1, m).context("serving the synthetic VM")?;
-            (r, Some(vm))
+            let s = Source::from_memory(m.clone(), cfg).context("serving the synthetic VM")?;
+            let wl = if args.threads > 0 {
+                Some(Workload::start(
+                    Params {
+                        vm,
+                        pattern: args.pattern,
+                        threads: args.threads,
+                        log_writes: false,
+                        salt: 1,
+                    },
+                    m,
+                    None,
+                )?)
+            } else {
+                None
+            };
+            (s, wl)
         }
-        (None, None) => anyhow::bail!("give --synthetic SIZE or --memory-file FILE"),
+        (None, None) => anyhow::bail!(
+            "nothing to serve: give --synthetic SIZE (a synthetic VM) or --memory-file FILE (a memory snapshot)"
+        ),
+        (Some(_), Some(_)) => anyhow::bail!("give either --synthetic or --memory-file, not both"),
     };
-    let area = region.area();
-    let source =
-        Source::new(vec![region], SourceConfig::new(key)).context("setting up the source")?;
-    let addr = PeerAddr::parse(&args.listen).context("--listen")?;
     let listener = addr
         .listen()
         .with_context(|| format!("listening on {addr}"))?;
@@ -105,58 +165,31 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         .context("reading the listening address")?;
     println!("listening on {local}");
     let _ = std::io::stdout().flush();
-    if let (Some(vm), true) = (workload, args.threads > 0) {
-        let wl = Workload::start(
-            Params {
-                vm,
-                pattern: args.pattern,
-                threads: args.threads,
-                log_writes: false,
-                salt: 1,
-            },
-            Arc::new(area),
-            None,
-        )?;
-        while !wait_connection(&listener, Duration::from_millis(100))? {}
-        let ops = wl.ops();
-        let secs = wl.started().elapsed().as_secs_f64();
-        let _ = wl.stop();
-        println!(
-            "switch-over: the workload stopped after {ops} operations in {secs:.1} s; serving"
-        );
-    }
-    let report = source.serve(&listener).context("serving the destination")?;
+    let report = source
+        .serve_with(&listener, move || {
+            if let Some(wl) = workload {
+                let ops = wl.ops();
+                let secs = wl.started().elapsed().as_secs_f64();
+                let _ = wl.stop();
+                println!(
+                    "switch-over: an authenticated destination is ready; the workload stopped after {ops} operations in {secs:.1} s"
+                );
+            }
+        })
+        .context("serving the destination")?;
     let json = serde_json::to_string_pretty(&report)?;
     println!(
-        "done: {} demand and {} bulk pages, {} zero, {} never populated, {} bytes sent in {:.2} s",
+        "done: {} demand and {} bulk pages, {} zero, {} never populated, {} bytes sent in {:.2} s ({} resumes)",
         report.demand_pages,
         report.bulk_pages,
         report.zero_pages,
         report.unpopulated_pages,
         report.wire_bytes,
-        report.elapsed_s
+        report.elapsed_s,
+        report.resumes
     );
     if let Some(p) = args.json {
         std::fs::write(&p, json).with_context(|| format!("writing {}", p.display()))?;
     }
     Ok(())
-}
-
-/// Waits up to `timeout` for a connection to be pending on `listener`.
-fn wait_connection(listener: &Listener, timeout: Duration) -> anyhow::Result<bool> {
-    use rustix::event::{poll, PollFd, PollFlags};
-    let fd = match listener {
-        Listener::Tcp(l) => l.as_fd(),
-        Listener::Unix(l) => l.as_fd(),
-    };
-    let mut fds = [PollFd::new(&fd, PollFlags::IN)];
-    let ts = rustix::time::Timespec {
-        tv_sec: 0,
-        tv_nsec: i64::try_from(timeout.as_nanos().min(999_999_999)).unwrap_or(0),
-    };
-    match poll(&mut fds, Some(&ts)) {
-        Ok(n) => Ok(n > 0),
-        Err(rustix::io::Errno::INTR) => Ok(false),
-        Err(e) => Err(anyhow::Error::new(e).context("waiting for the destination")),
-    }
 }

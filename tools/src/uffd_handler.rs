@@ -52,7 +52,7 @@ pub struct Args {
 }
 
 enum Mode {
-    Local(std::fs::File),
+    Local(String, std::fs::File),
     Remote(PeerAddr, Box<ringfault_engine::DestinationConfig>),
 }
 
@@ -60,10 +60,21 @@ enum Mode {
 pub fn run(args: Args) -> anyhow::Result<()> {
     // Everything that can be checked before Firecracker connects is checked now.
     let mode = match (&args.memory_file, &args.from, &args.key_file) {
-        (Some(path), None, _) => Mode::Local(
-            std::fs::File::open(path)
-                .with_context(|| format!("opening the memory file {}", path.display()))?,
-        ),
+        (Some(path), None, _) => {
+            let file = std::fs::File::open(path)
+                .with_context(|| format!("opening the memory file {}", path.display()))?;
+            let len = file
+                .metadata()
+                .with_context(|| format!("reading the size of {}", path.display()))?
+                .len();
+            if len == 0 || len % 4096 != 0 {
+                anyhow::bail!(
+                    "the memory file {} is {len} bytes: a snapshot memory file is a non-zero multiple of 4 KiB",
+                    path.display()
+                );
+            }
+            Mode::Local(path.display().to_string(), file)
+        }
         (None, Some(from), Some(key)) => {
             if args.dest.install == crate::receive::Install::Move {
                 anyhow::bail!(
@@ -73,12 +84,12 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             }
             let key = crate::serve::load_key(key)?;
             let addr = PeerAddr::parse(from).context("--from")?;
-            Mode::Remote(addr, Box::new(args.dest.config(key)))
+            Mode::Remote(addr, Box::new(args.dest.config(key)?))
         }
         _ => anyhow::bail!("give --memory-file FILE, or --from ADDR with --key-file K"),
     };
     let stats = Arc::new(HandlerStats::new(match mode {
-        Mode::Local(_) => "local",
+        Mode::Local(..) => "local",
         Mode::Remote(..) => "remote",
     }));
     report_on_sigusr1(stats.clone())?;
@@ -99,12 +110,12 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     );
 
     let result = match mode {
-        Mode::Local(file) => {
+        Mode::Local(path, file) => {
             let opts = LocalOptions {
                 background: !args.no_background,
                 ..LocalOptions::default()
             };
-            serve_local(hs, &file, opts, stats.clone())
+            serve_local(hs, &path, file, opts, stats.clone())
         }
         Mode::Remote(addr, cfg) => serve_remote(hs, &addr, *cfg, stats.clone()),
     };

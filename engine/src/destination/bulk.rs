@@ -1,144 +1,235 @@
-//! A bulk worker: one bulk lane, one io_uring ring, one core. It receives each frame
-//! header, then the frame's pages straight into a page-aligned receive buffer
-//! (registered with the ring for `UFFDIO_COPY`; unregistered for `UFFDIO_MOVE`), and
-//! installs them from there: one copy after the kernel's socket copy, or none.
+//! A bulk lane on the destination: background pages and known-zero ranges,
+//! received into the lane's stream ring and installed from there.
+//!
+//! A [`BulkLane`] is driven either by a bulk worker ([`run_worker`], one
+//! thread, one ring, one core per lane) or by the fault loop itself, which
+//! then hosts it in its own ring (see `remote`).
 
-use std::os::fd::AsFd;
-use std::sync::atomic::Ordering;
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
 
-use ringfault_proto::{FrameHeader, Message, PageKind, FRAME_HEADER_LEN, MAX_BODY_LEN};
+use ringfault_proto::{Layout, Message, PageKind, Phase};
 
-use super::install::Payload;
-use super::{InstallMode, Shared};
-use crate::addr::Stream;
-use crate::conn::peer_error;
-use crate::error::EngineError;
-use crate::stats::{ChannelReport, Counters, Timeline};
-use crate::sys::ringio::PageReceiver;
+use super::inbound::{Got, Inbound};
+use super::install::Installer;
+use super::pages::Work;
+use crate::error::{EngineError, LaneId};
+use crate::stats::{ChannelReport, Counters};
+use crate::sys::affinity::{place_current_thread, SchedClass};
+use crate::sys::bufring::StreamRing;
+use crate::sys::ring::{Event, Ring};
+use crate::wire::{peer_error, Framed};
 
-/// Receives and installs pages from one bulk lane until the session ends.
-pub(crate) fn run(
-    sh: &Shared<'_>,
-    stream: Stream,
-    channel: u16,
-) -> Result<ChannelReport, EngineError> {
-    crate::sys::affinity::place_current_thread(
-        "bulk worker",
-        sh.cfg.pin_workers,
-        usize::from(channel),
-        sh.cfg
-            .prioritize_demand
-            .then_some(crate::sys::affinity::SchedClass::Batch),
-    );
-    let largest_page = sh.regions.iter().map(|r| r.page_size).max().unwrap_or(4096);
-    let buf_len = sh.cfg.recv_buffer.max(largest_page).next_multiple_of(4096);
-    let moving = sh.cfg.install == InstallMode::Move;
-    let mut rx = PageReceiver::new(buf_len, 1, !moving)
-        .map_err(|e| EngineError::io("allocating receive buffers", e))?;
-    let mut timeline = Timeline::new(sh.started);
-    let mut bytes = 0u64;
-    let mut body = vec![0u8; MAX_BODY_LEN];
-    let lost = || EngineError::ConnectionLost {
-        lane: "bulk",
-        channel,
-    };
-    let fd = stream.as_fd();
-    let result = (|| -> Result<(), EngineError> {
+/// One bulk lane's receiving state.
+#[derive(Debug)]
+pub struct BulkLane {
+    /// Frames arriving on this lane.
+    pub inbound: Inbound,
+    /// Pages installed from this lane.
+    pub pages: u64,
+    /// Phase markers received (pre-copy).
+    pub phases: Vec<Phase>,
+}
+
+impl BulkLane {
+    /// Wraps an established connection.
+    pub fn new(
+        link: Framed,
+        ring: &mut Ring,
+        buf: StreamRing,
+        token: u32,
+        started: Instant,
+    ) -> Result<BulkLane, EngineError> {
+        let lane = link.lane;
+        let inbound = Inbound::new(lane, link.stream, ring, buf, link.opener, token, started)?;
+        Ok(BulkLane {
+            inbound,
+            pages: 0,
+            phases: Vec::new(),
+        })
+    }
+
+    /// Installs whole frames until about `budget` payload bytes were handled
+    /// or none is left. `Busy` when frames may remain.
+    pub fn process(
+        &mut self,
+        ring: &mut Ring,
+        inst: &Installer,
+        layout: &Layout,
+        budget: usize,
+    ) -> Result<Work, EngineError> {
+        let lane = self.inbound.lane;
+        let mut used = 0usize;
         loop {
-            let mut hdr = [0u8; FRAME_HEADER_LEN];
-            if !rx
-                .read_exact(fd, 0, 0, FRAME_HEADER_LEN)
-                .map_err(|_| lost())?
-            {
-                return Err(lost());
-            }
-            hdr.copy_from_slice(&rx.buf(0).as_slice()[..FRAME_HEADER_LEN]);
-            let header = FrameHeader::parse(&hdr)?;
-            let blen = usize::try_from(header.body_len).unwrap_or(usize::MAX);
-            if blen > MAX_BODY_LEN {
-                return Err(EngineError::Protocol("frame body too large".into()));
-            }
-            if blen > 0 && !rx.read_exact(fd, 0, 0, blen).map_err(|_| lost())? {
-                return Err(lost());
-            }
-            body[..blen].copy_from_slice(&rx.buf(0).as_slice()[..blen]);
-            let h = match Message::decode(&header, &body[..blen])? {
-                Message::Pages(h) => h,
-                Message::Error(e) => return Err(peer_error(e)),
-                other => {
-                    return Err(EngineError::Protocol(format!(
-                        "unexpected {:?} on bulk lane {channel}",
-                        other.kind()
-                    )))
-                }
+            let mut pages = 0u64;
+            let r = self.inbound.next(ring, layout, |got| handle(inst, lane, got, &mut pages))?;
+            let Some(frame) = r else {
+                return Ok(Work::Idle);
             };
-            let payload = h.validate(sh.layout)?;
-            let frame_bytes = (FRAME_HEADER_LEN + blen) as u64 + payload;
-            bytes += frame_bytes;
-            Counters::add(&sh.counters.wire_bytes, frame_bytes);
-            timeline.record(frame_bytes);
-            let ri = sh
-                .regions
-                .iter()
-                .position(|r| r.id == h.region)
-                .ok_or_else(|| EngineError::Protocol("pages for an unknown region".into()))?;
-            let ps = sh.regions[ri].page_size;
-            let inst = sh.installer();
-            let mut on_again = || std::thread::sleep(Duration::from_micros(20));
-            match h.kind {
-                PageKind::Zero | PageKind::Unpopulated => {
-                    inst.install(
-                        ri,
-                        h.first_page,
-                        u64::from(h.count),
-                        h.kind,
-                        Payload::Zero,
-                        &mut on_again,
-                    )?;
-                }
-                PageKind::Data => {
-                    // Large frames arrive in buffer-sized, page-aligned chunks.
-                    let chunk_pages = (buf_len / ps).max(1) as u64;
-                    let mut page = h.first_page;
-                    let end = h.first_page + u64::from(h.count);
-                    while page < end {
-                        let n = chunk_pages.min(end - page);
-                        let len = usize::try_from(n).unwrap_or(0) * ps;
-                        if !rx.read_exact(fd, 0, 0, len).map_err(|_| lost())? {
-                            return Err(lost());
-                        }
-                        let p = if moving {
-                            Payload::Move(rx.buf_mut(0), 0)
-                        } else {
-                            Payload::Copy(&rx.buf(0).as_slice()[..len])
-                        };
-                        let out = inst.install(ri, page, n, PageKind::Data, p, &mut on_again)?;
-                        Counters::add(&sh.counters.bulk_pages, out.installed);
-                        page += n;
-                    }
-                }
+            self.pages += pages;
+            match frame {
+                Handled::Bytes(n) => used += n,
+                Handled::Phase(p) => self.phases.push(p),
             }
-            if sh.present.all_set() {
-                sh.notifier.notify();
+            if used >= budget {
+                return Ok(Work::Busy);
             }
         }
-    })();
-    match result {
-        // Acquire: pairs with the fault worker's Release store after completion.
-        Err(_) if sh.finished.load(Ordering::Acquire) => Ok(ChannelReport {
-            channel,
-            lane: "bulk",
-            bytes,
-            bytes_per_step: timeline.samples().to_vec(),
-        }),
-        Err(e) => Err(e),
-        Ok(()) => unreachable_ok(),
+    }
+
+    /// The lane's report.
+    pub fn report(&self, ring: &Ring) -> ChannelReport {
+        let s = self.inbound.posted_stats(ring);
+        ChannelReport {
+            channel: self.inbound.lane.channel,
+            lane: self.inbound.lane.lane,
+            bytes: self.inbound.bytes,
+            frames: self.inbound.frames,
+            bytes_per_step: self.inbound.timeline.samples().to_vec(),
+            recv_in_flight_min: s.min,
+            recv_in_flight_mean: if s.samples == 0 {
+                0.0
+            } else {
+                crate::stats::ratio(s.sum, s.samples)
+            },
+        }
     }
 }
 
-fn unreachable_ok() -> Result<ChannelReport, EngineError> {
-    Err(EngineError::Protocol(
-        "bulk loop ended without a reason".into(),
-    ))
+enum Handled {
+    Bytes(usize),
+    Phase(Phase),
+}
+
+fn handle(inst: &Installer, lane: LaneId, got: Got<'_>, pages: &mut u64) -> Result<Handled, EngineError> {
+    match got {
+        Got::Pages(h, payload) => {
+            let ri = inst
+                .space
+                .index_of(h.region)
+                .ok_or_else(|| EngineError::Internal(format!("validated region {} vanished", h.region)))?;
+            let out = inst.install(ri, h.first_page, u64::from(h.count), h.kind, payload)?;
+            if h.kind == PageKind::Data {
+                Counters::add(&inst.counters.bulk_pages, out.installed);
+            }
+            *pages += out.installed;
+            Ok(Handled::Bytes(usize::try_from(h.payload_len).unwrap_or(0)))
+        }
+        Got::Control(Message::ZeroRanges(chunk)) => {
+            let layout_ok = inst.space.index_of(chunk.region);
+            let Some(ri) = layout_ok else {
+                return Err(EngineError::Decode {
+                    lane,
+                    source: ringfault_proto::DecodeError::UnknownRegion {
+                        region: chunk.region,
+                    },
+                });
+            };
+            let span = inst.space.spans()[ri];
+            if chunk.first_page.saturating_add(chunk.page_count) > span.pages {
+                return Err(EngineError::Decode {
+                    lane,
+                    source: ringfault_proto::DecodeError::PageOutOfRange {
+                        region: chunk.region,
+                        page: chunk.first_page,
+                        count: chunk.page_count,
+                        region_pages: span.pages,
+                    },
+                });
+            }
+            for (first, count) in chunk.set_ranges() {
+                inst.mark_zero(ri, first, count);
+            }
+            Ok(Handled::Bytes(0))
+        }
+        Got::Control(Message::Heartbeat) => Ok(Handled::Bytes(0)),
+        Got::Control(Message::Phase(p)) => Ok(Handled::Phase(p)),
+        Got::Control(Message::Error(e)) => Err(peer_error(e)),
+        Got::Control(other) => Err(EngineError::Unexpected {
+            lane,
+            kind: other.kind(),
+            state: "on a bulk lane",
+        }),
+    }
+}
+
+/// How a bulk worker runs.
+#[derive(Debug, Clone)]
+pub struct WorkerConfig {
+    /// Pin to this core.
+    pub core: Option<usize>,
+    /// Scheduling class.
+    pub class: Option<SchedClass>,
+    /// Payload bytes installed between two looks at the ring.
+    pub budget: usize,
+    /// A lane silent this long is dead.
+    pub liveness: Duration,
+}
+
+/// Runs one bulk lane on this thread until its connection ends. A clean end
+/// (the peer closed after `finished` was set) gives the lane's report.
+pub fn run_worker(
+    inst: &Installer,
+    layout: &Layout,
+    link: Framed,
+    buf: StreamRing,
+    cfg: &WorkerConfig,
+    finished: &AtomicBool,
+    started: Instant,
+) -> Result<ChannelReport, EngineError> {
+    let lane = link.lane;
+    place_current_thread(
+        "bulk worker",
+        cfg.core.is_some(),
+        cfg.core.unwrap_or(0),
+        cfg.class,
+    );
+    let mut ring = Ring::new(64)?;
+    let mut bulk = BulkLane::new(link, &mut ring, buf, 1, started)?;
+    let mut events = Vec::with_capacity(64);
+    loop {
+        events.clear();
+        ring.events(&mut events)?;
+        let now = Instant::now();
+        for ev in &events {
+            if let Event::Received { .. } | Event::ReceiveEnded { .. } = ev {
+                if let Err(e) = bulk
+                    .inbound
+                    .on_event(&mut ring, ev, now, &inst.counters.wire_bytes)
+                {
+                    // Acquire: pairs with the Release store after completion.
+                    if finished.load(Ordering::Acquire) {
+                        return Ok(bulk.report(&ring));
+                    }
+                    return Err(e);
+                }
+            }
+        }
+        let work = match bulk.process(&mut ring, inst, layout, cfg.budget) {
+            Ok(w) => w,
+            // Acquire: as above.
+            Err(_) if finished.load(Ordering::Acquire) => return Ok(bulk.report(&ring)),
+            Err(e) => return Err(e),
+        };
+        if bulk.inbound.drained(&ring) {
+            // Acquire: as above.
+            if finished.load(Ordering::Acquire) {
+                return Ok(bulk.report(&ring));
+            }
+            return Err(EngineError::ConnectionLost { lane });
+        }
+        let silent = now.saturating_duration_since(bulk.inbound.last_rx);
+        // Acquire: as above.
+        if silent > cfg.liveness && !finished.load(Ordering::Acquire) {
+            return Err(EngineError::Silent {
+                lane,
+                silent_s: silent.as_secs_f64(),
+            });
+        }
+        if work == Work::Busy {
+            ring.submit()?;
+        } else {
+            ring.submit_and_wait(Some(cfg.liveness / 4))?;
+        }
+    }
 }

@@ -1,91 +1,47 @@
-//! Installing pages that arrived, on any lane: `UFFDIO_COPY` from a receive buffer
-//! (or `UFFDIO_MOVE` out of it), `UFFDIO_ZEROPAGE` for zero and never-populated
-//! pages. Then the present bitmap records them.
+//! Installing pages that arrived, on any lane or from any page source:
+//! `UFFDIO_COPY` straight from where the bytes landed, `UFFDIO_MOVE` out of a
+//! private receive ring, `UFFDIO_ZEROPAGE` (or a copy of zeros on hugetlbfs)
+//! for pages known to be zero. Then the present bitmap records them.
 //!
 //! Outcomes the kernel may give, and what they mean here:
 //! - done: installed; the faulting threads on it are woken;
-//! - `EEXIST`: the page is already present (it came by the other lane, or twice);
-//!   counted as a duplicate, never an error;
-//! - `EAGAIN` with no progress: a non-cooperative event (REMOVE, from a balloon) is
-//!   pending and must be read first; the caller's `on_again` does that, then we retry.
+//! - `EEXIST`: the page is already present (it came by another lane, twice,
+//!   or the guest wrote it after a zero fill); counted as a duplicate;
+//! - `EAGAIN` with no progress: a non-cooperative event (REMOVE, from a
+//!   balloon) is pending and must be read first: [`Installer::read_pending`]
+//!   reads it here, marks what it removed, and hands the events to the fault
+//!   loop; then the install is retried.
+
+use std::sync::Mutex;
 
 use ringfault_proto::PageKind;
 
 use crate::bitmap::AtomicBitmap;
 use crate::error::EngineError;
+use crate::space::PageSpace;
 use crate::stats::Counters;
-use crate::sys::install::{copy_from, move_from, zero};
-use crate::sys::mapping::AlignedBuf;
-use crate::sys::uffd::{Installed, Uffd};
+use crate::sys::bufring::StreamRing;
+use crate::sys::install::{copy, copy_mapped, move_out, zero};
+use crate::sys::mapping::Mapping;
+use crate::sys::notify::Notifier;
+use crate::sys::uffd::{Event, Installed, Uffd, UffdMsg};
 
-/// Where a destination region lives in this process.
-#[derive(Debug, Clone, Copy)]
-pub struct DestRegion {
-    /// Wire id.
-    pub id: u32,
-    /// Address of its first byte.
-    pub base: usize,
-    /// Length in bytes.
-    pub len: usize,
-    /// Page size in bytes.
-    pub page_size: usize,
-    /// Global index of its first page.
-    pub first_global: u64,
-    /// Pages.
-    pub pages: u64,
-}
-
-/// The payload of a frame, as it sits in a receive buffer.
-#[derive(Debug)]
-pub enum Payload<'a> {
-    /// Copy these bytes (`count * page_size` of them).
-    Copy(&'a [u8]),
-    /// Move `len` bytes at `offset` out of this buffer.
-    Move(&'a mut AlignedBuf, usize),
-    /// Zero pages (sent as zero, or never populated).
-    Zero,
-}
-
-/// What one install did.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-pub struct Outcome {
-    /// Pages this call made present.
-    pub installed: u64,
-    /// Pages that were present already.
-    pub duplicates: u64,
-}
-
-/// Installs pages into guest memory. Shared by the fault worker and bulk workers.
-#[derive(Debug)]
-pub struct Installer<'a> {
-    /// The userfaultfd the regions are registered with.
-    pub uffd: &'a Uffd,
-    /// The regions, in layout order.
-    pub regions: &'a [DestRegion],
-    /// One bit per global page.
-    pub present: &'a AtomicBitmap,
-    /// Statistics.
-    pub counters: &'a Counters,
-    /// Set when the userfaultfd may deliver REMOVE events (a VMM's, e.g. with a
-    /// balloon): see [`RemoveGate`].
-    pub gate: Option<&'a RemoveGate>,
-}
-
-/// Orders installs against REMOVE events, for a userfaultfd that delivers them.
+/// Orders installs against REMOVE events, for a userfaultfd that delivers
+/// them (a VMM's, with a balloon).
 ///
-/// The hazard: a lane checks that page P is absent, then installs it. If between the
-/// two a balloon's `MADV_DONTNEED` on P is queued, read, and its zap completes, the
-/// install lands after the zap and P holds the source's stale bytes where the guest
-/// must read zeros. The kernel only refuses installs (`EAGAIN`) while the REMOVE
-/// event is queued and unread.
+/// The hazard: a lane checks that page P is absent, then installs it. If
+/// between the two a balloon's `MADV_DONTNEED` on P is queued, read, and its
+/// zap completes, the install lands after the zap and P holds the source's
+/// stale bytes where the guest must read zeros. The kernel only refuses
+/// installs (`EAGAIN`) while the REMOVE event is queued and unread.
 ///
-/// So every install holds the gate shared from its present-bit check to the end of
-/// its ioctl, and the fault worker holds it exclusive from before it reads events
-/// until it has marked removed ranges present. An install either ends before the
-/// event is read (the zap then removes what it installed), or starts after the
-/// marking (and skips the page), or runs while the event is queued (and gets
-/// `EAGAIN`, then re-checks). Installs under the gate are at most [`GATED_CHUNK`]
-/// bytes, so the fault worker never waits long for the gate.
+/// So every install holds the gate shared from its present-bit check to the
+/// end of its ioctl, and whoever reads events holds it exclusive from before
+/// the read until it has marked removed ranges present. An install either
+/// ends before the event is read (the zap then removes what it installed),
+/// or starts after the marking (and skips the page), or runs while the event
+/// is queued (and gets `EAGAIN`, then re-checks). Installs under the gate are
+/// at most [`GATED_CHUNK`] bytes, so a reader never waits long.
 #[derive(Debug, Default)]
 pub struct RemoveGate(std::sync::RwLock<()>);
 
@@ -99,7 +55,7 @@ impl RemoveGate {
             .read()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
-    /// Held by the fault worker while it reads and applies events.
+    /// Held while events are read and applied.
     pub fn exclusive(&self) -> std::sync::RwLockWriteGuard<'_, ()> {
         self.0
             .write()
@@ -107,9 +63,70 @@ impl RemoveGate {
     }
 }
 
-impl Installer<'_> {
-    /// Installs `count` pages of region `ri` from page `first`. `on_again` is called
-    /// when a pending userfaultfd event blocks the install; it must read events.
+/// Where a frame's pages are.
+#[derive(Debug)]
+pub enum Payload<'a> {
+    /// Copy these bytes (`count * page_size` of them).
+    Bytes(&'a [u8]),
+    /// Move the pages at `offset` of the ring's unconsumed bytes.
+    Ring(&'a mut StreamRing, usize),
+    /// Copy from `offset` of a file mapping (never read in user space).
+    Mapped(&'a Mapping, usize),
+    /// Zero pages (sent as zero, never populated, or removed by a balloon).
+    Zero,
+}
+
+/// What one install did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Outcome {
+    /// Pages this call made present.
+    pub installed: u64,
+    /// Pages that were present already.
+    pub duplicates: u64,
+}
+
+/// Installs pages into guest memory; shared by every lane and page source.
+#[derive(Debug)]
+pub struct Installer {
+    /// The userfaultfd the regions are registered with.
+    pub uffd: Uffd,
+    /// The regions and where they live.
+    pub space: PageSpace,
+    /// One bit per global page: present, or known to read as zero.
+    pub present: AtomicBitmap,
+    /// Statistics.
+    pub counters: Counters,
+    /// Set when the userfaultfd may deliver REMOVE events.
+    pub gate: Option<RemoveGate>,
+    /// Events read off the userfaultfd by an install that hit `EAGAIN`; the
+    /// fault loop handles them next.
+    pub backlog: Mutex<Vec<Event>>,
+    /// Wakes the fault loop (backlog filled, every page present, a lane failed).
+    pub notifier: Notifier,
+    /// A page of zeros the size of the largest page, for hugetlbfs zero fills
+    /// (which cannot use `UFFDIO_ZEROPAGE`).
+    zeros: std::sync::OnceLock<Vec<u8>>,
+}
+
+impl Installer {
+    /// An installer for `space` (whose regions live here, registered on `uffd`).
+    pub fn new(uffd: Uffd, space: PageSpace, guard_removes: bool) -> Result<Installer, EngineError> {
+        let total = space.total();
+        Ok(Installer {
+            uffd,
+            space,
+            present: AtomicBitmap::new(total),
+            counters: Counters::default(),
+            gate: guard_removes.then(RemoveGate::default),
+            backlog: Mutex::new(Vec::new()),
+            notifier: Notifier::new().map_err(|e| EngineError::io("creating an eventfd", e))?,
+            zeros: std::sync::OnceLock::new(),
+        })
+    }
+
+    /// Installs `count` pages of region index `ri` from page `first`, skipping
+    /// pages already present. Every page installed (or found present) has its
+    /// bit set before this returns.
     pub fn install(
         &self,
         ri: usize,
@@ -117,27 +134,27 @@ impl Installer<'_> {
         count: u64,
         kind: PageKind,
         mut payload: Payload<'_>,
-        on_again: &mut dyn FnMut(),
     ) -> Result<Outcome, EngineError> {
-        let r = self
-            .regions
-            .get(ri)
-            .ok_or_else(|| EngineError::Protocol("pages for an unknown region".into()))?;
-        if first.checked_add(count).is_none_or(|e| e > r.pages) {
-            return Err(EngineError::Protocol(format!(
-                "pages {first}+{count} outside region {} of {} pages",
-                r.id, r.pages
+        let span = *self
+            .space
+            .span(ri)
+            .ok_or_else(|| EngineError::Internal(format!("install into region index {ri}")))?;
+        if first.checked_add(count).is_none_or(|e| e > span.pages) || span.base == 0 {
+            return Err(EngineError::Internal(format!(
+                "install of pages {first}+{count} outside region {} of {} pages",
+                span.id, span.pages
             )));
         }
-        let ps = r.page_size;
+        let ps = span.page_size;
+        let hugetlb = ps != 4096;
         let mut out = Outcome::default();
         let mut p = 0u64;
-        // Each pass re-reads the present bits, so that a retry after EAGAIN (when a
-        // REMOVE event may have changed what is wanted) never installs stale data
-        // over a page that was resolved meanwhile.
+        // Each pass re-reads the present bits, so that a retry after EAGAIN
+        // (when a REMOVE may have changed what is wanted) never installs stale
+        // data over a page that was resolved meanwhile.
         while p < count {
-            let guard = self.gate.map(RemoveGate::shared);
-            let g = r.first_global + first + p;
+            let guard = self.gate.as_ref().map(RemoveGate::shared);
+            let g = span.first + first + p;
             if self.present.is_set(g) {
                 out.duplicates += 1;
                 p += 1;
@@ -152,18 +169,37 @@ impl Installer<'_> {
             while p + n < count && n < max_run && !self.present.is_set(g + n) {
                 n += 1;
             }
-            let off = to_usize(p)? * ps;
-            let len = to_usize(n)? * ps;
-            let dst = r.base + to_usize(first + p)? * ps;
+            let off = usize::try_from(p).unwrap_or(0) * ps;
+            let len = usize::try_from(n).unwrap_or(0) * ps;
+            let dst = span.addr_of(first + p);
             let res = match &mut payload {
-                Payload::Copy(bytes) => {
+                Payload::Bytes(bytes) => {
                     let src = bytes.get(off..off + len).ok_or_else(|| {
-                        EngineError::Protocol("payload shorter than its pages".into())
+                        EngineError::Internal("payload shorter than its pages".into())
                     })?;
-                    copy_from(self.uffd, dst, src, true)?
+                    copy(&self.uffd, dst, src, true)?
                 }
-                Payload::Move(buf, base) => move_from(self.uffd, dst, buf, *base + off, len)?,
-                Payload::Zero => zero(self.uffd, dst, len, true)?,
+                Payload::Ring(ring, base) => move_out(&self.uffd, dst, ring, *base + off, len)?,
+                Payload::Mapped(map, base) => copy_mapped(&self.uffd, dst, map, *base + off, len, true)?,
+                Payload::Zero if hugetlb => {
+                    let z = self.zeros.get_or_init(|| vec![0u8; self.space.largest_page()]);
+                    let mut done = 0usize;
+                    let mut last = Installed::Done(0);
+                    while done < len {
+                        last = copy(&self.uffd, dst + done, &z[..ps], true)?;
+                        match last {
+                            Installed::Done(b) => done += b,
+                            _ => break,
+                        }
+                    }
+                    match last {
+                        Installed::Done(_) => Installed::Done(done),
+                        Installed::Again { done: d } => Installed::Again { done: done + d },
+                        Installed::Exists if done > 0 => Installed::Again { done },
+                        Installed::Exists => Installed::Exists,
+                    }
+                }
+                Payload::Zero => zero(&self.uffd, dst, len, true)?,
             };
             drop(guard);
             let installed = match res {
@@ -177,7 +213,7 @@ impl Installer<'_> {
             };
             if installed == 0 {
                 Counters::add(&self.counters.eagain_retries, 1);
-                on_again();
+                self.read_pending()?;
                 continue;
             }
             self.present.set_range(g, installed);
@@ -190,18 +226,113 @@ impl Installer<'_> {
             PageKind::Data => {}
         }
         Counters::add(&self.counters.duplicate_pages, out.duplicates);
+        if self.present.all_set() {
+            self.notifier.notify();
+        }
         Ok(out)
     }
 
-    /// Region index and page of a faulting address, if it is guest memory.
-    pub fn locate(&self, addr: usize) -> Option<(usize, u64)> {
-        self.regions.iter().enumerate().find_map(|(i, r)| {
-            (addr >= r.base && addr < r.base + r.len)
-                .then(|| (i, ((addr - r.base) / r.page_size) as u64))
-        })
+    /// Resolves a fault on a page whose bit is already set: a zero page if it
+    /// is known to be zero and still missing (never populated on the source,
+    /// or removed by a balloon), otherwise (it arrived after the fault was
+    /// queued) a wake-up of the faulting threads.
+    pub fn resolve_settled(&self, ri: usize, page: u64) -> Result<(), EngineError> {
+        let Some(s) = self.space.span(ri).copied() else {
+            return Ok(());
+        };
+        let dst = s.addr_of(page);
+        loop {
+            let res = if s.page_size == 4096 {
+                let _g = self.gate.as_ref().map(RemoveGate::shared);
+                zero(&self.uffd, dst, s.page_size, true)
+            } else {
+                let z = self.zeros.get_or_init(|| vec![0u8; self.space.largest_page()]);
+                let _g = self.gate.as_ref().map(RemoveGate::shared);
+                copy(&self.uffd, dst, &z[..s.page_size], true)
+            };
+            let res = match res {
+                Ok(r) => r,
+                // No longer registered: unregistering woke the thread already.
+                Err(crate::sys::uffd::UffdError::Range { source, .. })
+                    if source.raw_os_error() == Some(libc::ENOENT) =>
+                {
+                    return Ok(())
+                }
+                Err(e) => return Err(e.into()),
+            };
+            match res {
+                Installed::Done(_) => return Ok(()),
+                Installed::Exists => {
+                    self.uffd.wake(dst, s.page_size)?;
+                    return Ok(());
+                }
+                Installed::Again { done } if done > 0 => return Ok(()),
+                Installed::Again { .. } => self.read_pending()?,
+            }
+        }
     }
-}
 
-fn to_usize(v: u64) -> Result<usize, EngineError> {
-    usize::try_from(v).map_err(|_| EngineError::Protocol("page index does not fit".into()))
+    /// Reads the events that block installs: marks removed ranges at once (so
+    /// that no install lands in them after the kernel's zap) and queues every
+    /// event for the fault loop.
+    pub fn read_pending(&self) -> Result<(), EngineError> {
+        let _g = self.gate.as_ref().map(RemoveGate::exclusive);
+        let mut msgs = [UffdMsg::default(); 16];
+        let n = self.uffd.read_events(&mut msgs)?;
+        if n == 0 {
+            // Not a pending event: let whoever holds the mm lock finish.
+            std::thread::yield_now();
+            return Ok(());
+        }
+        let mut events = Vec::with_capacity(n);
+        for m in msgs.iter().take(n) {
+            let ev = m.parse();
+            if let Event::Remove { start, end } = ev {
+                self.mark_removed(start, end);
+            }
+            events.push(ev);
+        }
+        if let Ok(mut b) = self.backlog.lock() {
+            b.extend(events);
+        }
+        self.notifier.notify();
+        Ok(())
+    }
+
+    /// A balloon (MADV_DONTNEED) dropped `start..end`: whatever the source
+    /// still has for those pages is stale. Mark them present so that no lane
+    /// installs old bytes; a later fault there gets a zero page.
+    pub fn mark_removed(&self, start: u64, end: u64) {
+        for s in self.space.spans() {
+            if s.base == 0 {
+                continue;
+            }
+            let lo = usize::try_from(start).unwrap_or(usize::MAX).max(s.base);
+            let hi = usize::try_from(end).unwrap_or(0).min(s.base + s.len());
+            if lo < hi {
+                let first = ((lo - s.base) >> s.shift) as u64;
+                let last = ((hi - s.base).div_ceil(s.page_size)) as u64;
+                self.present.set_range(s.first + first, last - first);
+            }
+        }
+        if self.present.all_set() {
+            self.notifier.notify();
+        }
+    }
+
+    /// Marks known-zero pages (never populated on the source) present without
+    /// installing anything: they read as zero once unregistered, and a fault
+    /// on one before that is filled locally.
+    pub fn mark_zero(&self, ri: usize, first: u64, count: u64) -> u64 {
+        let Some(s) = self.space.span(ri) else {
+            return 0;
+        };
+        let count = count.min(s.pages.saturating_sub(first));
+        let n = self.present.set_range(s.first + first, count);
+        Counters::add(&self.counters.unpopulated_pages, n);
+        if self.present.all_set() {
+            self.notifier.notify();
+        }
+        n
+    }
 }

@@ -1,50 +1,61 @@
-//! The destination side: guest memory registered with userfaultfd, filled on demand
-//! and in the background until every page is present.
+//! The destination side: guest memory registered with userfaultfd, filled on
+//! demand and in the background until every page is present.
 //!
 //! Threads, rings and cores (see `docs/design.md`):
-//! - the **fault worker** (`destination::fault`) owns the demand lane and reads
-//!   faults; it requests, receives and installs demand pages itself, so a fault's
-//!   whole service stays on one thread and one core (a wake across cores costs about
-//!   64 µs here). It polls briefly before it sleeps in its io_uring ring.
-//! - one **bulk worker** per bulk lane (`destination::bulk`) receives pages into
-//!   page-aligned buffers registered with its own ring and installs them from there.
+//! - the **fault loop** (`destination::faultloop`) reads faults, owns the
+//!   demand lane through the remote page source (`destination::remote`), and
+//!   drives the end of the session; one thread, one ring;
+//! - one **bulk worker** per bulk lane (`destination::bulk`) receives pages
+//!   into its lane's stream ring and installs them from there; one thread,
+//!   one ring, one core each (or the first lane runs in the fault loop's ring).
 //!
-//! If a connection is lost, `run` returns the error but leaves the userfaultfd
-//! open and the memory mapped for the life of the process: a vCPU that faults on a
-//! page that never arrived waits; it never reads a zero page in its place.
+//! If the session fails for good, `run` returns the error but leaves the
+//! userfaultfd open for the life of the process: a vCPU that faults on a page
+//! that never arrived waits; it never reads a zero page in its place.
 
-mod bulk;
-mod fault;
+pub mod bulk;
+pub mod faultloop;
+pub mod file;
+pub mod inbound;
 pub mod install;
+pub mod outbox;
+pub mod pages;
+pub mod remote;
 
 use std::os::fd::OwnedFd;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ringfault_proto::auth::PresharedKey;
-use ringfault_proto::{Lane, Layout, PageSize, SessionId};
+use ringfault_proto::{Lane, Layout, PageSize, Protection, SessionId};
 
-use crate::addr::{PeerAddr, Stream};
-use crate::bitmap::AtomicBitmap;
+use crate::addr::PeerAddr;
 use crate::error::EngineError;
-use crate::handshake::{destination_handshake, random_bytes, ChannelId};
+use crate::handshake::random_bytes;
+use crate::space::PageSpace;
 use crate::stats::{hex, Counters, DestinationReport};
-use crate::sys::guest::GuestArea;
-use crate::sys::mapping::{GuestMapping, MapOptions};
-use crate::sys::uffd::{Features, Ioctls, RegisterMode, Uffd, UffdOptions};
-use install::DestRegion;
+use crate::sys::affinity::SchedClass;
+use crate::sys::guest::{GuestMemory, RegionSpec};
+use crate::sys::mapping::MapOptions;
+use crate::sys::ring::Opcodes;
+use crate::sys::uffd::{Features, RegisterMode, Uffd, UffdOptions};
+use crate::wire::Framed;
+use bulk::WorkerConfig;
+use faultloop::{LoopConfig, FAULT_PRIORITY};
+use install::Installer;
+use remote::{Link, RemoteConfig, RemotePages};
 
 /// How a page goes from a receive buffer into guest memory.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum InstallMode {
-    /// `UFFDIO_COPY`: one copy. The default: faster here when the destination page
-    /// must be allocated anyway (`docs/results.md`).
+    /// `UFFDIO_COPY` straight from the receive ring: one copy. The default:
+    /// faster here when the destination page must be allocated anyway
+    /// (`docs/results.md`).
     #[default]
     Copy,
-    /// `UFFDIO_MOVE` (Linux 6.8): no copy; the buffer's pages move into guest memory.
-    /// Receive buffers are then not registered with the ring, since a pinned page
-    /// cannot move.
+    /// `UFFDIO_MOVE` (Linux 6.8): no copy; the receive ring's pages move into
+    /// guest memory. Bulk lanes then receive into private rings and ask the
+    /// source to page-align payloads.
     Move,
 }
 
@@ -53,50 +64,97 @@ pub enum InstallMode {
 pub struct DestinationConfig {
     /// The pre-shared key.
     pub key: PresharedKey,
-    /// Bulk connections (each with its own worker, ring and core). At least 1.
+    /// Frame protection (both ends must agree).
+    pub protection: Protection,
+    /// Bulk connections. At least 1.
     pub bulk_channels: u16,
     /// COPY or MOVE.
     pub install: InstallMode,
     /// Pages fetched before a faulting page.
-    pub prefetch_before: u32,
+    pub prefetch_before: u16,
     /// Pages fetched after a faulting page.
-    pub prefetch_after: u32,
-    /// How long the fault worker polls before it sleeps.
-    pub spin: Duration,
-    /// Pin workers to cores.
+    pub prefetch_after: u16,
+    /// Pin the fault loop and workers to cores.
     pub pin_workers: bool,
-    /// Run the fault worker `SCHED_FIFO` and bulk workers `SCHED_BATCH`, so that a
+    /// Run the fault loop `SCHED_FIFO` and bulk workers `SCHED_BATCH`, so that a
     /// fault preempts bulk work at once (needs `CAP_SYS_NICE`; without it the
     /// threads keep their class and a warning is logged).
     pub prioritize_demand: bool,
-    /// How long to keep retrying a refused connection.
+    /// Run the first bulk lane in the fault loop's ring instead of a thread.
+    pub host_first_bulk: bool,
+    /// Payload bytes a lane installs between two looks at its ring.
+    pub bulk_budget: usize,
+    /// How long to keep retrying a refused connection at the start.
     pub connect_patience: Duration,
-    /// Bytes per bulk receive buffer.
-    pub recv_buffer: usize,
+    /// A lane silent this long is dead.
+    pub liveness: Duration,
+    /// How long to keep trying to resume a broken link (0: never resume).
+    pub resume_timeout: Duration,
+    /// Back the engine's own guest memory with transparent huge pages.
+    pub thp: bool,
+    /// Demand pacing: on average at most one demand request per this
+    /// interval after a burst (zero: none); faults meanwhile join the next.
+    pub demand_interval: Duration,
+    /// Demand requests allowed back to back before pacing applies.
+    pub demand_burst: u32,
 }
 
 impl DestinationConfig {
-    /// Defaults picked by measurement (`docs/results.md`).
+    /// Defaults picked by measurement (`docs/design.md`).
     pub fn new(key: PresharedKey) -> DestinationConfig {
         DestinationConfig {
             key,
+            protection: Protection::Mac,
             bulk_channels: 1,
             install: InstallMode::Copy,
             prefetch_before: 0,
-            prefetch_after: 15,
-            spin: Duration::ZERO,
+            prefetch_after: 0,
             pin_workers: true,
             prioritize_demand: true,
+            host_first_bulk: false,
+            bulk_budget: 256 << 10,
             connect_patience: Duration::from_secs(10),
-            recv_buffer: 1 << 20,
+            liveness: Duration::from_secs(10),
+            resume_timeout: Duration::from_secs(300),
+            thp: true,
+            demand_interval: Duration::ZERO,
+            demand_burst: 64,
         }
+    }
+
+    /// Checks every value; the message names the setting.
+    pub fn validate(&self) -> Result<(), EngineError> {
+        if self.bulk_channels == 0 || self.bulk_channels > 64 {
+            return Err(EngineError::Config(
+                "bulk channels must be 1 to 64".into(),
+            ));
+        }
+        if self.prefetch_before > ringfault_proto::MAX_PREFETCH
+            || self.prefetch_after > ringfault_proto::MAX_PREFETCH
+        {
+            return Err(EngineError::Config(format!(
+                "the prefetch window is at most {} pages each way",
+                ringfault_proto::MAX_PREFETCH
+            )));
+        }
+        if self.liveness < Duration::from_millis(500) {
+            return Err(EngineError::Config(
+                "the liveness timeout must be at least 0.5 s".into(),
+            ));
+        }
+        if self.install == InstallMode::Move && self.protection == Protection::Aead {
+            return Err(EngineError::Config(
+                "--install move cannot be combined with --encrypt (pages are decrypted in a copy)".into(),
+            ));
+        }
+        Ok(())
     }
 }
 
 /// A region a VMM registered with its own userfaultfd.
 #[derive(Debug, Clone, Copy)]
 pub struct AttachedRegion {
-    /// Address of its first byte.
+    /// Address of its first byte (in the VMM's address space).
     pub base: usize,
     /// Length in bytes.
     pub len: usize,
@@ -107,23 +165,39 @@ pub struct AttachedRegion {
 /// Progress of a running destination, readable from any thread.
 #[derive(Debug, Clone)]
 pub struct Progress {
-    present: Arc<AtomicBitmap>,
+    inst: Arc<Installer>,
 }
 
 impl Progress {
-    /// Pages present.
+    /// Progress of whatever fills `inst`.
+    pub fn of(inst: Arc<Installer>) -> Progress {
+        Progress { inst }
+    }
+
+    /// Pages present (or known to be zero).
     pub fn present(&self) -> u64 {
-        self.present.count()
+        self.inst.present.count()
     }
     /// Pages in all regions.
     pub fn total(&self) -> u64 {
-        self.present.len()
+        self.inst.present.len()
     }
-    /// Whether global page `page` (pages numbered across regions in layout order)
-    /// is present: lets a workload tell a first touch that faults from one that
-    /// does not. False for an index out of range.
+    /// Whether global page `page` (pages numbered across regions in layout
+    /// order) is present: lets a workload tell a first touch that faults from
+    /// one that does not. False for an index out of range.
     pub fn is_present(&self, page: u64) -> bool {
-        page < self.present.len() && self.present.is_set(page)
+        page < self.inst.present.len() && self.inst.present.is_set(page)
+    }
+    /// Faults read so far.
+    pub fn faults(&self) -> u64 {
+        self.inst.counters.faults.load(std::sync::atomic::Ordering::Relaxed)
+    }
+    /// Bytes received so far on every lane.
+    pub fn wire_bytes(&self) -> u64 {
+        self.inst
+            .counters
+            .wire_bytes
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 }
 
@@ -131,33 +205,28 @@ impl Progress {
 #[derive(Debug)]
 pub struct Destination {
     cfg: DestinationConfig,
+    link: Link,
     session: SessionId,
     layout: Layout,
-    regions: Vec<DestRegion>,
-    /// Guest memory we mapped (empty when attached). Never unmapped: the VM runs
-    /// on it after the migration, for the life of the process, and every
-    /// [`GuestArea`] handed out by [`Destination::regions`] stays valid.
-    mappings: Vec<&'static GuestMapping>,
-    uffd: Uffd,
-    demand: Stream,
-    bulk: Vec<Stream>,
-    present: Arc<AtomicBitmap>,
+    memory: Option<Arc<GuestMemory>>,
+    inst: Arc<Installer>,
+    demand: Framed,
     started: Instant,
-    /// The userfaultfd came from a VMM and may deliver REMOVE events.
-    guard_removes: bool,
 }
 
 impl Destination {
-    /// Connects to a source, authenticates every channel, maps guest memory of the
-    /// source's layout and registers it with a new userfaultfd. Nothing is mapped or
-    /// registered before authentication has succeeded.
+    /// Connects to a source, authenticates the demand lane, maps guest memory
+    /// of the source's layout and registers it with a new userfaultfd. Nothing
+    /// is mapped or registered before authentication has succeeded. The VM may
+    /// run on [`Destination::memory`] from here on; the bulk lanes open when
+    /// [`Destination::run`] starts.
     pub fn connect(addr: &PeerAddr, cfg: DestinationConfig) -> Result<Destination, EngineError> {
         Self::connect_inner(addr, cfg, None)
     }
 
-    /// Connects like [`Destination::connect`], but fills regions that a VMM already
-    /// registered (MISSING mode) on `uffd`, after checking them against the source's
-    /// layout, region by region in order.
+    /// Connects like [`Destination::connect`], but fills regions that a VMM
+    /// already registered (MISSING mode) on `uffd`, after checking them
+    /// against the source's layout, region by region in order.
     pub fn attach(
         addr: &PeerAddr,
         cfg: DestinationConfig,
@@ -172,58 +241,33 @@ impl Destination {
         cfg: DestinationConfig,
         attached: Option<(OwnedFd, Vec<AttachedRegion>)>,
     ) -> Result<Destination, EngineError> {
-        if cfg.bulk_channels == 0 || cfg.bulk_channels > 64 {
-            return Err(EngineError::Config("bulk channels must be 1 to 64".into()));
-        }
-        if cfg.prefetch_before > ringfault_proto::MAX_PREFETCH
-            || cfg.prefetch_after > ringfault_proto::MAX_PREFETCH
-        {
-            return Err(EngineError::Config(format!(
-                "prefetch window is at most {} pages each way",
-                ringfault_proto::MAX_PREFETCH
-            )));
-        }
+        cfg.validate()?;
+        Opcodes::require_engine()?;
         let started = Instant::now();
         let session: SessionId = random_bytes()?;
-        let channel_count = cfg.bulk_channels + 1;
-        let mut demand = addr.connect(cfg.connect_patience)?;
-        let id = ChannelId {
-            lane: Lane::Demand,
-            channel: 0,
-            channel_count,
+        let link = Link {
+            addr: addr.clone(),
+            key: cfg.key.clone(),
+            session,
+            protection: cfg.protection,
+            bulk_channels: cfg.bulk_channels,
+            moving: cfg.install == InstallMode::Move,
+            connect_patience: cfg.connect_patience,
         };
-        let (_caps, welcome) = destination_handshake(&mut demand, &cfg.key, id, session, false)?;
-        let layout = welcome.layout;
-        let total: u64 = layout.total_pages();
-
-        let (uffd, regions, mappings) = match attached {
-            None => own_memory(&layout, cfg.install)?,
-            Some((fd, list)) => attached_memory(&layout, fd, list)?,
+        let (demand, layout) =
+            link.open(Lane::Demand, 0, false, cfg.connect_patience, cfg.liveness)?;
+        let (inst, memory) = match attached {
+            None => own_memory(&layout, &cfg)?,
+            Some((fd, list)) => (attached_memory(&layout, fd, &list)?, None),
         };
-        let mut bulk = Vec::with_capacity(usize::from(cfg.bulk_channels));
-        for ch in 1..=cfg.bulk_channels {
-            let mut s = addr.connect(cfg.connect_patience)?;
-            let id = ChannelId {
-                lane: Lane::Bulk,
-                channel: ch,
-                channel_count,
-            };
-            destination_handshake(&mut s, &cfg.key, id, session, false)?;
-            bulk.push(s);
-        }
-        // Our own mappings never see a balloon; a VMM's userfaultfd may.
-        let guard_removes = mappings.is_empty();
         Ok(Destination {
-            guard_removes,
             cfg,
+            link,
             session,
             layout,
-            regions,
-            mappings,
-            uffd,
+            memory,
+            inst: Arc::new(inst),
             demand,
-            bulk,
-            present: Arc::new(AtomicBitmap::new(total)),
             started,
         })
     }
@@ -233,285 +277,170 @@ impl Destination {
         &self.layout
     }
 
-    /// Guest memory that the destination mapped itself ([`Destination::connect`]),
-    /// region by region in layout order: what the VM runs on. Reads and writes of a
-    /// page that has not arrived wait until it has. Empty when attached: the VMM's
-    /// regions may live in another process (Firecracker's do), and the VMM already
-    /// holds them.
-    pub fn regions(&self) -> Vec<GuestArea> {
-        self.mappings
-            .iter()
-            .map(|m| {
-                // SAFETY: our own mappings are leaked on purpose (`mappings`), so
-                // they stay mapped for the life of the process.
-                unsafe { GuestArea::new(m.as_ptr(), m.len()) }
-            })
-            .collect()
-    }
-
-    /// The mappings the destination allocated (empty when attached). They live for
-    /// the rest of the process: the VM runs on them after the migration.
-    pub fn mappings(&self) -> Vec<&'static GuestMapping> {
-        self.mappings.clone()
+    /// Guest memory the destination mapped itself ([`Destination::connect`]):
+    /// what the VM runs on. Reads and writes of a page that has not arrived
+    /// wait until it has. `None` when attached: the VMM holds its regions.
+    pub fn memory(&self) -> Option<Arc<GuestMemory>> {
+        self.memory.clone()
     }
 
     /// A progress handle.
     pub fn progress(&self) -> Progress {
         Progress {
-            present: self.present.clone(),
+            inst: self.inst.clone(),
         }
     }
 
-    /// Runs the migration until every page is present and the source is released.
+    /// Runs the migration on this thread until every page is present and the
+    /// source is released.
     pub fn run(self) -> Result<DestinationReport, EngineError> {
         let Destination {
             cfg,
+            link,
             session,
             layout,
-            regions,
-            mappings: _,
-            uffd,
+            memory,
+            inst,
             demand,
-            bulk,
-            present,
             started,
-            guard_removes,
         } = self;
-        let gate = install::RemoveGate::default();
-        let counters = Counters::default();
-        let finished = AtomicBool::new(false);
-        let failed: Mutex<Option<EngineError>> = Mutex::new(None);
-        let notifier = fault::Notifier::new()?;
-        let mut stream_handles: Vec<Stream> = Vec::new();
-        for s in std::iter::once(&demand).chain(bulk.iter()) {
-            if let Ok(c) = s.try_clone() {
-                stream_handles.push(c);
-            }
-        }
-        let shared = Shared {
-            cfg: &cfg,
-            layout: &layout,
-            uffd: &uffd,
-            regions: &regions,
-            present: &present,
-            counters: &counters,
-            finished: &finished,
-            notifier: &notifier,
-            started,
-            gate: guard_removes.then_some(&gate),
+        let class = cfg.prioritize_demand;
+        let cores = crate::sys::affinity::online_cores().max(1);
+        let rcfg = RemoteConfig {
+            prefetch_before: cfg.prefetch_before,
+            prefetch_after: cfg.prefetch_after,
+            host_first_bulk: cfg.host_first_bulk,
+            worker: WorkerConfig {
+                core: cfg.pin_workers.then_some(1 % cores),
+                class: class.then_some(SchedClass::Batch),
+                budget: cfg.bulk_budget,
+                liveness: cfg.liveness,
+            },
+            liveness: cfg.liveness,
+            resume_timeout: cfg.resume_timeout,
+            demand_interval: cfg.demand_interval,
+            demand_burst: cfg.demand_burst,
         };
-        let fail = |e: EngineError| {
-            if let Ok(mut f) = failed.lock() {
-                if f.is_none() {
-                    *f = Some(e);
-                }
-            }
-            // Wake everybody: a blocked read returns once its socket is shut.
-            for s in &stream_handles {
-                s.shutdown();
-            }
-            notifier.notify();
+        let mut source = RemotePages::new(link, rcfg, layout.clone(), inst.clone(), demand, started);
+        let lcfg = LoopConfig {
+            name: "fault loop",
+            core: cfg.pin_workers.then_some(0),
+            class: class.then_some(SchedClass::Realtime(FAULT_PRIORITY)),
+            unregister: true,
         };
-        let (fault_stats, channel_reports) = std::thread::scope(|scope| {
-            let bulk_handles: Vec<_> = bulk
-                .into_iter()
-                .enumerate()
-                .filter_map(|(i, s)| {
-                    let sh = &shared;
-                    let fail = &fail;
-                    let ch = u16::try_from(i + 1).unwrap_or(u16::MAX);
-                    let spawned = std::thread::Builder::new()
-                        .name(format!("rf-bulk{ch}"))
-                        .spawn_scoped(scope, move || {
-                            let r = bulk::run(sh, s, ch);
-                            match r {
-                                Ok(rep) => Some(rep),
-                                Err(e) => {
-                                    // Acquire: pairs with the fault worker's Release store.
-                                    if !sh.finished.load(Ordering::Acquire) {
-                                        fail(e);
-                                    }
-                                    None
-                                }
-                            }
-                        });
-                    match spawned {
-                        Ok(h) => Some(h),
-                        Err(e) => {
-                            fail(EngineError::io("starting a bulk worker", e));
-                            None
-                        }
-                    }
-                })
-                .collect();
-            let fault_result = fault::run(&shared, demand);
-            let fault_stats = match fault_result {
-                Ok(s) => Some(s),
-                Err(e) => {
-                    fail(e);
-                    None
-                }
-            };
-            // Every page is present (or we failed): stop the bulk lanes.
-            for s in &stream_handles {
-                s.shutdown();
-            }
-            let mut reports = Vec::new();
-            for h in bulk_handles {
-                match h.join() {
-                    Ok(Some(r)) => reports.push(r),
-                    Ok(None) => {}
-                    Err(_) => fail(EngineError::WorkerPanicked {
-                        worker: "destination bulk".into(),
-                    }),
-                }
-            }
-            (fault_stats, reports)
-        });
-        let failure = failed.lock().ok().and_then(|mut f| f.take());
-        match (failure, fault_stats) {
-            (None, Some((hist, demand_report))) => {
-                let mut channels = vec![demand_report];
-                channels.extend(channel_reports);
-                let bytes_total = regions.iter().map(|r| r.len as u64).sum();
-                Ok(DestinationReport::build(
+        let result = faultloop::run(&inst, &mut source, &lcfg);
+        match result {
+            Ok(rep) => {
+                let elapsed = started.elapsed();
+                let channels = source.reports();
+                let bytes_total = layout.regions.iter().map(|r| r.size).sum();
+                let mut r = DestinationReport::build(
                     hex(&session),
-                    started.elapsed(),
-                    present.len(),
+                    elapsed,
+                    inst.present.len(),
                     bytes_total,
-                    &counters,
-                    &hist,
+                    &inst.counters,
+                    &rep.hist,
                     channels,
-                ))
+                );
+                r.protection = cfg.protection.name().into();
+                r.resumes = source.resumes;
+                r.metadata_bytes = inst.present.allocated_bytes();
+                drop(memory);
+                Ok(r)
             }
-            (failure, _) => {
-                // Keep the userfaultfd and the memory for the life of the process:
-                // a vCPU blocked on a missing page must wait, not read zeros.
-                std::mem::forget(uffd);
-                Err(failure.unwrap_or_else(|| EngineError::Protocol("run ended early".into())))
+            Err(e) => {
+                // Keep the userfaultfd (and our memory) for the life of the
+                // process: a vCPU blocked on a missing page must wait, not read
+                // zeros.
+                std::mem::forget(inst);
+                std::mem::forget(memory);
+                Err(e)
             }
         }
     }
 }
 
-/// What the workers of one run share.
-pub(crate) struct Shared<'a> {
-    pub cfg: &'a DestinationConfig,
-    pub layout: &'a Layout,
-    pub uffd: &'a Uffd,
-    pub regions: &'a [DestRegion],
-    pub present: &'a AtomicBitmap,
-    pub counters: &'a Counters,
-    /// Set by the fault worker once the source acknowledged completion.
-    pub finished: &'a AtomicBool,
-    pub notifier: &'a fault::Notifier,
-    pub started: Instant,
-    /// Orders installs against REMOVE events (attached userfaultfds only).
-    pub gate: Option<&'a install::RemoveGate>,
-}
-
-impl Shared<'_> {
-    pub(crate) fn installer(&self) -> install::Installer<'_> {
-        install::Installer {
-            uffd: self.uffd,
-            regions: self.regions,
-            present: self.present,
-            counters: self.counters,
-            gate: self.gate,
-        }
-    }
-}
-
-fn spans(layout: &Layout) -> Vec<(u64, u64)> {
-    let mut first = 0u64;
-    layout
-        .regions
-        .iter()
-        .map(|r| {
-            let f = first;
-            first += r.page_count();
-            (f, r.page_count())
-        })
-        .collect()
-}
-
-type Memory = (Uffd, Vec<DestRegion>, Vec<&'static GuestMapping>);
-
-fn own_memory(layout: &Layout, install: InstallMode) -> Result<Memory, EngineError> {
-    let uffd = Uffd::open(UffdOptions {
-        nonblock: true,
-        user_mode_only: false,
-    })?;
+fn features_for(layout: &Layout, moving: bool) -> Features {
     let huge = layout
         .regions
         .iter()
         .any(|r| r.page_size != PageSize::Size4K);
-    let mut wanted = Features::NONE;
+    let mut f = Features::NONE;
     if huge {
-        wanted = wanted | Features::MISSING_HUGETLBFS;
+        f = f | Features::MISSING_HUGETLBFS;
     }
-    if install == InstallMode::Move {
-        wanted = wanted | Features::MOVE;
+    if moving {
+        f = f | Features::MOVE;
     }
-    uffd.api(wanted)?;
-    let mut regions = Vec::new();
-    let mut mappings = Vec::new();
-    for (r, (first, pages)) in layout.regions.iter().zip(spans(layout)) {
-        let size = usize::try_from(r.size)
-            .map_err(|_| EngineError::LayoutMismatch("region larger than memory".into()))?;
-        let ps = usize::try_from(r.page_size.bytes()).unwrap_or(usize::MAX);
-        let m = GuestMapping::anonymous(size, ps, MapOptions::default())?;
-        let ioctls = uffd.register(m.addr(), m.len(), RegisterMode::Missing)?;
-        let mut need = Ioctls::COPY;
-        if r.page_size == PageSize::Size4K {
-            need = need | Ioctls::ZEROPAGE;
-        }
-        if install == InstallMode::Move {
-            need = need | Ioctls::MOVE;
-        }
-        ioctls.require(need)?;
-        regions.push(DestRegion {
-            id: r.id,
-            base: m.addr(),
-            len: m.len(),
-            page_size: ps,
-            first_global: first,
-            pages,
-        });
-        // Leaked on purpose: see `Destination::mappings`.
-        mappings.push(&*Box::leak(Box::new(m)));
+    f
+}
+
+fn own_memory(
+    layout: &Layout,
+    cfg: &DestinationConfig,
+) -> Result<(Installer, Option<Arc<GuestMemory>>), EngineError> {
+    let uffd = Uffd::open(UffdOptions {
+        nonblock: true,
+        user_mode_only: false,
+    })?;
+    uffd.api(features_for(layout, cfg.install == InstallMode::Move))?;
+    let specs: Vec<RegionSpec> = layout
+        .regions
+        .iter()
+        .map(|r| {
+            Ok(RegionSpec {
+                id: r.id,
+                size: usize::try_from(r.size).map_err(|_| {
+                    EngineError::LayoutMismatch(format!(
+                        "region {} of {} bytes does not fit this machine's address space",
+                        r.id, r.size
+                    ))
+                })?,
+                page_size: usize::try_from(r.page_size.bytes()).unwrap_or(usize::MAX),
+            })
+        })
+        .collect::<Result<_, EngineError>>()?;
+    let mem = GuestMemory::anonymous(
+        &specs,
+        MapOptions {
+            thp: cfg.thp,
+            populate: false,
+        },
+    )?;
+    let mut bases = Vec::with_capacity(specs.len());
+    for r in mem.regions() {
+        uffd.register(r.addr(), r.len(), RegisterMode::Missing)?;
+        bases.push(r.addr());
     }
-    Ok((uffd, regions, mappings))
+    let space = PageSpace::new(layout, &bases);
+    Ok((Installer::new(uffd, space, false)?, Some(Arc::new(mem))))
 }
 
 fn attached_memory(
     layout: &Layout,
     fd: OwnedFd,
-    list: Vec<AttachedRegion>,
-) -> Result<Memory, EngineError> {
+    list: &[AttachedRegion],
+) -> Result<Installer, EngineError> {
     if list.len() != layout.regions.len() {
         return Err(EngineError::LayoutMismatch(format!(
-            "the source has {} regions, the VMM registered {}",
-            layout.regions.len(),
-            list.len()
+            "the VMM registered {} regions, the source has {}",
+            list.len(),
+            layout.regions.len()
         )));
     }
-    let mut regions = Vec::new();
-    for ((r, a), (first, pages)) in layout.regions.iter().zip(&list).zip(spans(layout)) {
+    for (i, (a, r)) in list.iter().zip(&layout.regions).enumerate() {
         if a.len as u64 != r.size || a.page_size as u64 != r.page_size.bytes() {
             return Err(EngineError::LayoutMismatch(format!(
-                "region {}: source has {:#x} bytes in {}-byte pages, VMM has {:#x} bytes at {:#x} in {}-byte pages",
-                r.id, r.size, r.page_size.bytes(), a.len, a.base, a.page_size
+                "region {i}: the VMM's is {} bytes of {}-byte pages, the source's {} bytes of {}-byte pages",
+                a.len,
+                a.page_size,
+                r.size,
+                r.page_size.bytes()
             )));
         }
-        regions.push(DestRegion {
-            id: r.id,
-            base: a.base,
-            len: a.len,
-            page_size: a.page_size,
-            first_global: first,
-            pages,
-        });
     }
-    Ok((Uffd::from_fd(fd), regions, Vec::new()))
+    let bases: Vec<usize> = list.iter().map(|a| a.base).collect();
+    let space = PageSpace::new(layout, &bases);
+    Installer::new(Uffd::from_fd(fd), space, true)
 }

@@ -18,7 +18,6 @@ use std::time::{Duration, Instant};
 
 use super::mappings::{self, GuestRegionMapping, MappingsError};
 use super::FirecrackerError;
-use crate::sys::guest::{recv_nonblocking, wait_readable};
 use crate::sys::scm::{peer_credentials, recv_with_fds, PeerCred};
 
 /// Largest mappings message accepted (a real one is well under 1 KiB per region).
@@ -41,20 +40,38 @@ pub struct Handshake {
     pub mappings: Vec<GuestRegionMapping>,
 }
 
-/// Binds the handler socket at `path`, replacing a stale socket file.
+/// Binds the handler socket at `path`, replacing only a stale socket: a
+/// regular file there, or a socket another live handler listens on, is
+/// refused (two handlers configured with one path must never hand a VM
+/// another VM's memory).
 pub fn listen(path: &Path) -> Result<UnixListener, FirecrackerError> {
-    let err = |what, source| FirecrackerError::Socket {
-        path: path.display().to_string(),
-        what,
-        source,
+    Ok(crate::addr::bind_unix(path)?)
+}
+
+/// Waits up to `ms` milliseconds for `stream` to become readable (or closed).
+pub fn wait_readable(stream: &UnixStream, ms: i32) -> std::io::Result<bool> {
+    let mut fds = [rustix::event::PollFd::new(
+        stream,
+        rustix::event::PollFlags::IN | rustix::event::PollFlags::HUP,
+    )];
+    let timeout = rustix::event::Timespec {
+        tv_sec: i64::from(ms / 1000),
+        tv_nsec: i64::from(ms % 1000) * 1_000_000,
     };
-    if let Ok(meta) = std::fs::symlink_metadata(path) {
-        use std::os::unix::fs::FileTypeExt;
-        if meta.file_type().is_socket() {
-            std::fs::remove_file(path).map_err(|e| err("removing the stale socket", e))?;
-        }
+    match rustix::event::poll(&mut fds, Some(&timeout)) {
+        Ok(n) => Ok(n > 0),
+        Err(rustix::io::Errno::INTR) => Ok(false),
+        Err(e) => Err(e.into()),
     }
-    UnixListener::bind(path).map_err(|e| err("bind", e))
+}
+
+/// One non-blocking receive: `None` when nothing is waiting.
+fn recv_nonblocking(stream: &UnixStream, buf: &mut [u8]) -> std::io::Result<Option<usize>> {
+    match rustix::net::recv(stream, buf, rustix::net::RecvFlags::DONTWAIT) {
+        Ok((n, _)) => Ok(Some(n)),
+        Err(rustix::io::Errno::AGAIN) => Ok(None),
+        Err(e) => Err(e.into()),
+    }
 }
 
 /// Accepts Firecracker's connection and receives its message.
@@ -101,9 +118,9 @@ pub fn receive(stream: UnixStream) -> Result<Handshake, FirecrackerError> {
             });
         }
         let ms = i32::try_from(left.as_millis()).unwrap_or(i32::MAX).max(1);
-        let ready = wait_readable(&[stream.as_fd()], ms)
+        let ready = wait_readable(&stream, ms)
             .map_err(|e| FirecrackerError::io("waiting for Firecracker's message", e))?;
-        if !ready[0] {
+        if !ready {
             continue;
         }
         let got = recv_with_fds(stream.as_fd(), &mut buf[have..])
@@ -198,7 +215,7 @@ pub fn hand_over(
 pub fn peer_gone(stream: &UnixStream) -> bool {
     let mut scratch = [0u8; 256];
     loop {
-        match recv_nonblocking(stream.as_fd(), &mut scratch) {
+        match recv_nonblocking(stream, &mut scratch) {
             Ok(None) => return false,
             Ok(Some(0)) | Err(_) => return true,
             Ok(Some(_)) => continue,
@@ -220,7 +237,7 @@ pub fn wait_peer_gone(stream: &UnixStream, patience: Duration) -> bool {
             return false;
         }
         let ms = i32::try_from(left.as_millis()).unwrap_or(i32::MAX).max(1);
-        if wait_readable(&[stream.as_fd()], ms).is_err() {
+        if wait_readable(stream, ms).is_err() {
             return true;
         }
     }

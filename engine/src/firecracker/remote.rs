@@ -18,11 +18,12 @@
 //! is marked present so that no lane installs the source's stale bytes there, and a
 //! later fault gets a zero page.
 
-use std::os::fd::AsFd;
 use std::sync::mpsc;
 use std::sync::Arc;
 
-use super::handshake::{peer_gone, wait_peer_gone, Handshake};
+use ringfault_proto::{Layout, RegionDesc};
+
+use super::handshake::{peer_gone, wait_peer_gone, wait_readable, Handshake};
 use super::local::EXIT_PATIENCE;
 use super::stats::HandlerStats;
 use super::{Ended, FirecrackerError, GuestRegionMapping};
@@ -30,11 +31,28 @@ use crate::addr::PeerAddr;
 use crate::destination::AttachedRegion;
 use crate::error::EngineError;
 use crate::stats::DestinationReport;
-use crate::sys::guest::wait_readable;
 use crate::{Destination, DestinationConfig};
 
 /// How often the watching thread looks at the engine's result.
 const WATCH_MS: i32 = 100;
+
+/// Firecracker's regions as a layout: region ids are their indices.
+pub fn layout_of(mappings: &[GuestRegionMapping]) -> Result<Layout, FirecrackerError> {
+    let regions = mappings
+        .iter()
+        .enumerate()
+        .map(|(i, m)| {
+            Ok(RegionDesc {
+                id: u32::try_from(i).unwrap_or(u32::MAX),
+                page_size: crate::source::page_size_of(
+                    usize::try_from(m.page_size).unwrap_or(0),
+                )?,
+                size: m.size,
+            })
+        })
+        .collect::<Result<Vec<_>, EngineError>>()?;
+    Ok(Layout { regions })
+}
 
 /// Firecracker's regions as the engine's attached regions, in order.
 pub fn attached_regions(
@@ -86,9 +104,9 @@ pub fn serve_remote(
         .map_err(|e| FirecrackerError::io("starting the destination", e))?;
     let mut running = true;
     loop {
-        let ready = wait_readable(&[stream.as_fd()], WATCH_MS)
+        let ready = wait_readable(&stream, WATCH_MS)
             .map_err(|e| FirecrackerError::io("watching Firecracker's socket", e))?;
-        if ready[0] && peer_gone(&stream) {
+        if ready && peer_gone(&stream) {
             // A migration that just completed may not have reported yet: give it a
             // moment, so that the statistics say so (well inside the 1 s exit budget).
             if running {

@@ -1,108 +1,54 @@
-//! The source side: serves guest memory to one destination session.
+//! The source side: serves guest memory (or a memory file) to one destination
+//! session.
 //!
 //! Threads (see `docs/design.md`):
-//! - the caller's thread accepts connections and runs each handshake;
-//! - one demand thread per session answers demand requests on the demand lane,
-//!   first and alone, straight from guest memory (`source::demand`);
-//! - one pusher per bulk lane streams every page not yet sent, windows around recent
-//!   faults first, then a sweep (`source::pusher`).
+//! - an acceptor waits for connections and hands each to its own handshake
+//!   thread, with a deadline and a per-address limit: a connection that fails,
+//!   stalls or lies is logged and dropped, and the source keeps listening;
+//! - the caller's thread dispatches authenticated lanes and drives the session
+//!   (`source::session`): the switch-over happens only when an authenticated
+//!   destination is ready, resumes are answered, and `serve` returns once the
+//!   destination released the source;
+//! - one demand lane thread answers requests first and alone
+//!   (`source::demand`); one pusher per bulk lane streams every other page
+//!   (`source::pusher`).
 //!
-//! The source never frees or changes guest memory: [`Source::serve`] returns only
-//! after the destination has confirmed that every page is present and sent
-//! `Release`, or with an error, in which case memory is still intact for a resume.
+//! The source never frees or changes guest memory: [`Source::serve`] returns
+//! only after the destination has confirmed that every page is present and
+//! sent `Release`, or with an error, in which case memory is still intact.
 
-mod demand;
-mod pusher;
-mod scan;
+pub mod demand;
+pub mod frames;
+pub mod pusher;
+pub mod scan;
+pub mod session;
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::collections::HashMap;
+use std::fs::File;
+use std::net::IpAddr;
+use std::os::fd::AsFd;
+use std::os::unix::fs::FileExt;
+use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use ringfault_proto::auth::PresharedKey;
-use ringfault_proto::{Lane, Layout, PageSize, RegionDesc, SessionId};
+use ringfault_proto::{
+    ErrorCode, Lane, Layout, Message, MsgKind, PageSize, Protection, RegionDesc,
+    LANE_ALIGN_PAYLOAD,
+};
 
 use crate::addr::{Listener, Stream};
-use crate::error::EngineError;
-use crate::handshake::source_handshake;
-use crate::schedule::{PageSpace, PushPlan};
+use crate::error::{EngineError, LaneId};
+use crate::handshake::{source_handshake, SourceLink, HANDSHAKE_TIMEOUT};
 use crate::stats::{hex, SourceReport};
-use crate::sys::guest::GuestArea;
-use crate::sys::mapping::GuestMapping;
+use crate::sys::guest::GuestMemory;
+use crate::sys::notify::Notifier;
+use crate::sys::ring::Opcodes;
+use crate::wire::Framed;
+use session::{Phase, Session, SourceCounters};
 
 pub use demand::DEMAND_PRIORITY;
-pub use scan::PopulatedMap;
-
-/// One region of guest memory to serve.
-#[derive(Debug, Clone)]
-pub struct SourceRegion {
-    id: u32,
-    page_size: PageSize,
-    area: GuestArea,
-    /// False for file mappings: the page map cannot tell a file's holes, so every
-    /// page counts as populated and zero pages are found by content.
-    scan_populated: bool,
-    _keep: Option<Arc<GuestMapping>>,
-}
-
-impl SourceRegion {
-    /// Serves a mapping the engine allocated; the region keeps it alive.
-    pub fn from_mapping(id: u32, mapping: Arc<GuestMapping>) -> Result<SourceRegion, EngineError> {
-        let page_size = page_size_of(mapping.page_size())?;
-        // SAFETY: the region holds an `Arc` of the mapping, so it stays mapped for as
-        // long as the area can be used.
-        let area = unsafe { GuestArea::new(mapping.as_ptr(), mapping.len()) };
-        Ok(SourceRegion {
-            id,
-            page_size,
-            area,
-            scan_populated: true,
-            _keep: Some(mapping),
-        })
-    }
-
-    /// Serves a file mapping (`GuestMapping::map_file`), e.g. a snapshot memory
-    /// file: every page counts as populated, and zero pages are found by content.
-    pub fn from_file_mapping(
-        id: u32,
-        mapping: Arc<GuestMapping>,
-    ) -> Result<SourceRegion, EngineError> {
-        let mut r = Self::from_mapping(id, mapping)?;
-        r.scan_populated = false;
-        Ok(r)
-    }
-
-    /// Serves memory the VMM owns.
-    ///
-    /// # Safety
-    /// `base..base+len` must stay mapped, and must not be written, for as long as the
-    /// [`Source`] built from this region serves it.
-    pub unsafe fn from_raw(
-        id: u32,
-        base: *const u8,
-        len: usize,
-        page_size: PageSize,
-    ) -> SourceRegion {
-        SourceRegion {
-            id,
-            page_size,
-            // SAFETY: forwarded from this function's contract.
-            area: unsafe { GuestArea::new(base, len) },
-            scan_populated: true,
-            _keep: None,
-        }
-    }
-
-    /// The region's wire id.
-    pub fn id(&self) -> u32 {
-        self.id
-    }
-
-    /// Its memory.
-    pub fn area(&self) -> GuestArea {
-        self.area
-    }
-}
 
 /// Maps a page size in bytes to the wire's page sizes.
 pub fn page_size_of(bytes: usize) -> Result<PageSize, EngineError> {
@@ -116,14 +62,59 @@ pub fn page_size_of(bytes: usize) -> Result<PageSize, EngineError> {
     }
 }
 
-/// How the source sends page data.
+/// One region of a memory file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum SendMode {
-    /// `writev(2)` with iovecs pointing into guest memory.
-    Writev,
-    /// io_uring `SENDMSG_ZC` from guest memory (Linux 6.1): no copy on a real NIC;
-    /// on loopback the kernel copies anyway.
-    ZeroCopy,
+pub struct FileRegion {
+    /// Wire id.
+    pub id: u32,
+    /// Byte offset of its first page in the file.
+    pub offset: u64,
+    /// Bytes.
+    pub size: u64,
+    /// Page size.
+    pub page_size: PageSize,
+}
+
+/// A memory file served by `pread` (never through a mapping, so a file that
+/// shrinks while served gives an error naming it, not `SIGBUS`).
+#[derive(Debug)]
+pub struct FileBacking {
+    path: String,
+    file: File,
+    regions: Vec<FileRegion>,
+}
+
+impl FileBacking {
+    /// Reads `buf.len()` bytes at `offset` of region index `region`.
+    pub fn read_page(&self, region: usize, offset: usize, buf: &mut [u8]) -> Result<(), EngineError> {
+        let r = self
+            .regions
+            .get(region)
+            .ok_or_else(|| EngineError::Internal(format!("file region index {region}")))?;
+        let at = r.offset + offset as u64;
+        match self.file.read_exact_at(buf, at) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                let len = self.file.metadata().map(|m| m.len()).unwrap_or(0);
+                Err(EngineError::MemoryFile {
+                    path: self.path.clone(),
+                    why: format!(
+                        "shrank to {len} bytes while being served; byte {at} is gone"
+                    ),
+                })
+            }
+            Err(e) => Err(EngineError::io(format!("reading {}", self.path), e)),
+        }
+    }
+}
+
+/// What a source serves.
+#[derive(Debug)]
+pub enum Backing {
+    /// Guest memory in this process (frozen at switch-over).
+    Memory(Arc<GuestMemory>),
+    /// A memory file (a snapshot).
+    File(FileBacking),
 }
 
 /// Source settings.
@@ -131,98 +122,141 @@ pub enum SendMode {
 pub struct SourceConfig {
     /// The pre-shared key.
     pub key: PresharedKey,
-    /// Pages per bulk data frame.
+    /// Frame protection required of every destination.
+    pub protection: Protection,
+    /// Pages per bulk data frame (at most 1 MiB of payload is used for larger
+    /// pages: one page per frame).
     pub frame_pages: u32,
-    /// Bytes of page data gathered into one `writev`.
+    /// Bytes of page data gathered into one send.
     pub batch_bytes: usize,
-    /// How long the demand thread polls before sleeping.
-    pub spin: Duration,
-    /// Pin the demand thread and pushers to cores.
+    /// Pin the demand lane and pushers to cores.
     pub pin_workers: bool,
-    /// Run the demand thread `SCHED_FIFO` and pushers `SCHED_BATCH`, so that a
-    /// demand request preempts bulk work at once (needs `CAP_SYS_NICE`; without it
-    /// the threads keep their class and a warning is logged).
+    /// Run the demand lane `SCHED_FIFO` and pushers `SCHED_BATCH` (needs
+    /// `CAP_SYS_NICE`; without it a warning is logged).
     pub prioritize_demand: bool,
-    /// How data is sent.
-    pub send: SendMode,
+    /// A lane silent this long is dead.
+    pub liveness: Duration,
+    /// How long to keep the session for a resume after a lane broke (0: never).
+    pub resume_timeout: Duration,
+    /// How long a connection may take to authenticate.
+    pub handshake_timeout: Duration,
+    /// Handshakes in progress from one address, at most.
+    pub max_handshakes_per_address: usize,
 }
 
 impl SourceConfig {
-    /// Defaults picked by measurement (`docs/results.md`).
+    /// Defaults picked by measurement (`docs/design.md`).
     pub fn new(key: PresharedKey) -> SourceConfig {
         SourceConfig {
             key,
+            protection: Protection::Mac,
             frame_pages: 256,
             batch_bytes: 2 << 20,
-            spin: Duration::ZERO,
             pin_workers: true,
             prioritize_demand: true,
-            send: SendMode::Writev,
+            liveness: Duration::from_secs(10),
+            resume_timeout: Duration::from_secs(300),
+            handshake_timeout: HANDSHAKE_TIMEOUT,
+            max_handshakes_per_address: 8,
         }
-    }
-}
-
-/// Counters of the source; `Relaxed` throughout, read after the workers joined.
-#[derive(Debug, Default)]
-pub(crate) struct SourceCounters {
-    pub demand_requests: AtomicU64,
-    pub demand_pages: AtomicU64,
-    pub bulk_pages: AtomicU64,
-    pub zero_pages: AtomicU64,
-    pub unpopulated_pages: AtomicU64,
-    pub wire_bytes: AtomicU64,
-}
-
-impl SourceCounters {
-    pub(crate) fn add(c: &AtomicU64, n: u64) {
-        // Relaxed: statistics only.
-        c.fetch_add(n, Ordering::Relaxed);
     }
 }
 
 /// Serves guest memory to a destination.
 #[derive(Debug)]
 pub struct Source {
-    regions: Vec<SourceRegion>,
+    backing: Backing,
     layout: Layout,
     cfg: SourceConfig,
 }
 
-/// State one session shares between its threads.
-pub(crate) struct Session<'a> {
-    pub regions: &'a [SourceRegion],
-    pub layout: &'a Layout,
-    pub cfg: &'a SourceConfig,
-    pub plan: PushPlan,
-    pub populated: Vec<PopulatedMap>,
-    pub counters: SourceCounters,
-    /// Set once the destination released the source, or the session failed.
-    pub done: AtomicBool,
-    /// Set when the destination reported every page present: pushers stop.
-    pub completing: AtomicBool,
+enum Note {
+    Link(Box<SourceLink>),
+    Ended {
+        lane: LaneId,
+        epoch: u32,
+        result: Result<Option<demand::End>, EngineError>,
+    },
 }
 
 impl Source {
-    /// A source for `regions`. Region ids must be unique.
-    pub fn new(regions: Vec<SourceRegion>, cfg: SourceConfig) -> Result<Source, EngineError> {
-        let layout = Layout {
-            regions: regions
-                .iter()
-                .map(|r| RegionDesc {
-                    id: r.id,
-                    page_size: r.page_size,
-                    size: r.area.len() as u64,
+    /// A source for the regions of `mem` (ids unique, in order).
+    pub fn from_memory(mem: Arc<GuestMemory>, cfg: SourceConfig) -> Result<Source, EngineError> {
+        let regions = mem
+            .regions()
+            .iter()
+            .map(|r| {
+                Ok(RegionDesc {
+                    id: r.id(),
+                    page_size: page_size_of(r.page_size())?,
+                    size: r.len() as u64,
                 })
-                .collect(),
-        };
+            })
+            .collect::<Result<Vec<_>, EngineError>>()?;
+        Self::new(Backing::Memory(mem), regions, cfg)
+    }
+
+    /// A source for `regions` of the memory file at `path`. The file must hold
+    /// them all now.
+    pub fn from_file(
+        path: &str,
+        file: File,
+        regions: Vec<FileRegion>,
+        cfg: SourceConfig,
+    ) -> Result<Source, EngineError> {
+        let len = file
+            .metadata()
+            .map_err(|e| EngineError::io(format!("reading the size of {path}"), e))?
+            .len();
+        for r in &regions {
+            let end = r.offset.checked_add(r.size).unwrap_or(u64::MAX);
+            if end > len {
+                return Err(EngineError::MemoryFile {
+                    path: path.to_owned(),
+                    why: format!(
+                        "is {len} bytes, but region {} needs bytes {}..{end}",
+                        r.id, r.offset
+                    ),
+                });
+            }
+        }
+        let descs = regions
+            .iter()
+            .map(|r| RegionDesc {
+                id: r.id,
+                page_size: r.page_size,
+                size: r.size,
+            })
+            .collect();
+        Self::new(
+            Backing::File(FileBacking {
+                path: path.to_owned(),
+                file,
+                regions,
+            }),
+            descs,
+            cfg,
+        )
+    }
+
+    fn new(backing: Backing, regions: Vec<RegionDesc>, cfg: SourceConfig) -> Result<Source, EngineError> {
+        let layout = Layout { regions };
         layout
             .validate()
             .map_err(|e| EngineError::Config(format!("bad region list: {e}")))?;
         if cfg.frame_pages == 0 || cfg.frame_pages > ringfault_proto::MAX_PAGES_PER_FRAME {
-            return Err(EngineError::Config("frame_pages out of range".into()));
+            return Err(EngineError::Config(format!(
+                "frame pages must be 1 to {}",
+                ringfault_proto::MAX_PAGES_PER_FRAME
+            )));
+        }
+        if cfg.liveness < Duration::from_millis(500) {
+            return Err(EngineError::Config(
+                "the liveness timeout must be at least 0.5 s".into(),
+            ));
         }
         Ok(Source {
-            regions,
+            backing,
             layout,
             cfg,
         })
@@ -233,157 +267,204 @@ impl Source {
         &self.layout
     }
 
-    /// Serves one session: accepts its connections on `listener`, answers demand
-    /// requests, pushes every page, and returns once the destination released us.
-    /// Before a session is established, a connection that fails authentication
-    /// ends `serve` with that error; afterwards such a connection is refused and
-    /// logged, and the session goes on.
+    /// Serves one session (see [`Source::serve_with`]).
     pub fn serve(&self, listener: &Listener) -> Result<SourceReport, EngineError> {
-        let populated = self
-            .regions
-            .iter()
-            .map(|r| {
-                if r.scan_populated {
-                    PopulatedMap::scan(r.area(), r.page_size.bytes())
-                } else {
-                    Ok(PopulatedMap::all(
-                        r.area().len() as u64 / r.page_size.bytes(),
-                    ))
-                }
-            })
-            .collect::<Result<Vec<_>, _>>()?;
-        let session = Session {
-            regions: &self.regions,
-            layout: &self.layout,
-            cfg: &self.cfg,
-            plan: PushPlan::new(PageSpace::new(&self.layout)),
-            populated,
-            counters: SourceCounters::default(),
-            done: AtomicBool::new(false),
-            completing: AtomicBool::new(false),
-        };
-        listener
-            .set_nonblocking(true)
-            .map_err(|e| EngineError::io("making the listener non-blocking", e))?;
+        self.serve_with(listener, || {})
+    }
+
+    /// Serves one session: accepts its connections on `listener`, calls
+    /// `switch_over` once the first destination authenticated (stop the VM
+    /// there: from then on guest memory is frozen), answers demand requests,
+    /// pushes every page, resumes after a broken link, and returns once the
+    /// destination released us.
+    pub fn serve_with(
+        &self,
+        listener: &Listener,
+        switch_over: impl FnOnce() + Send,
+    ) -> Result<SourceReport, EngineError> {
+        Opcodes::require_engine()?;
+        let sess = Session::new(&self.backing, &self.layout, &self.cfg);
+        let switch: Mutex<Option<Box<dyn FnOnce() + Send + '_>>> =
+            Mutex::new(Some(Box::new(switch_over)));
+        let stop = Notifier::new().map_err(|e| EngineError::io("creating an eventfd", e))?;
+        let (tx, rx) = mpsc::channel::<Note>();
         let started = Instant::now();
-        let mut session_id: Option<SessionId> = None;
-        let streams: Mutex<Vec<Stream>> = Mutex::new(Vec::new());
         let result = std::thread::scope(|scope| -> Result<(), EngineError> {
-            let mut demand_handle: Option<
-                std::thread::ScopedJoinHandle<'_, Result<(), EngineError>>,
-            > = None;
-            let mut pushers = Vec::new();
-            let mut joined: u16 = 0;
-            loop {
-                // Acquire: pairs with the demand thread's Release store of `done`.
-                if session.done.load(Ordering::Acquire) {
-                    break;
-                }
-                if demand_handle.as_ref().is_some_and(|h| h.is_finished()) {
-                    break;
-                }
-                let mut stream = match listener.accept() {
-                    Ok(s) => s,
-                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                        std::thread::sleep(Duration::from_millis(2));
+            let sess = &sess;
+            let stop = &stop;
+            let switch = &switch;
+            let acceptor_tx = tx.clone();
+            let acceptor = std::thread::Builder::new()
+                .name("rf-accept".into())
+                .spawn_scoped(scope, move || {
+                    accept_loop(listener, sess, stop, acceptor_tx, switch, &self.backing)
+                })
+                .map_err(|e| EngineError::io("starting the acceptor", e))?;
+            let mut lanes: Vec<(Stream, std::thread::ScopedJoinHandle<'_, ()>)> = Vec::new();
+            let mut demand_started = false;
+            let mut broken_since: Option<Instant> = None;
+            let outcome = loop {
+                let wait = match broken_since {
+                    Some(t) => self
+                        .cfg
+                        .resume_timeout
+                        .saturating_sub(t.elapsed())
+                        .max(Duration::from_millis(1)),
+                    None => Duration::from_secs(3600),
+                };
+                let note = match rx.recv_timeout(wait) {
+                    Ok(n) => n,
+                    Err(mpsc::RecvTimeoutError::Timeout) => {
+                        if let Some(t) = broken_since {
+                            if t.elapsed() >= self.cfg.resume_timeout {
+                                break Err(EngineError::ResumeTimeout {
+                                    waited_s: t.elapsed().as_secs_f64(),
+                                });
+                            }
+                        }
                         continue;
                     }
-                    Err(e) => return Err(EngineError::io("accepting a connection", e)),
-                };
-                if stream.set_nonblocking(false).is_err() {
-                    continue;
-                }
-                let current = session_id;
-                let hello =
-                    source_handshake(
-                        &mut stream,
-                        &self.cfg.key,
-                        &self.layout,
-                        |h| match current {
-                            None if h.resume => Err(EngineError::Protocol(
-                                "resume of a session this source does not know".into(),
-                            )),
-                            Some(s) if s != h.session => Err(EngineError::Protocol(
-                                "this source already serves another session".into(),
-                            )),
-                            _ => Ok(()),
-                        },
-                    );
-                let hello = match hello {
-                    Ok(h) => h,
-                    Err(e) if session_id.is_none() => return Err(e),
-                    Err(e) => {
-                        tracing::warn!("refused a connection from {}: {e}", stream.peer());
-                        continue;
+                    Err(mpsc::RecvTimeoutError::Disconnected) => {
+                        break Err(EngineError::Internal("the acceptor stopped".into()))
                     }
                 };
-                session_id = Some(hello.session);
-                joined += 1;
-                if let Ok(c) = stream.try_clone() {
-                    if let Ok(mut v) = streams.lock() {
-                        v.push(c);
+                match note {
+                    Note::Link(link) => {
+                        let link = *link;
+                        let hello = link.hello;
+                        let mut framed = link.framed;
+                        let current = sess.id.lock().map(|g| *g).unwrap_or(None);
+                        match (hello.lane, hello.resume, current) {
+                            (Lane::Demand, false, Some(id))
+                                if id == hello.session
+                                    && sess.phase() == Phase::Open
+                                    && !demand_started =>
+                            {
+                                // The switch-over happened in the handshake,
+                                // before the Welcome.
+                                demand_started = true;
+                                lanes.push(spawn_demand(scope, sess, framed, 0, started, &tx)?);
+                            }
+                            (Lane::Demand, true, Some(id)) if id == hello.session => {
+                                if sess.phase() == Phase::Released {
+                                    framed.send_error(ErrorCode::Busy, "the session is over");
+                                    continue;
+                                }
+                                let epoch = sess.next_epoch();
+                                for (s, h) in lanes.drain(..) {
+                                    s.shutdown();
+                                    let _ = h.join();
+                                }
+                                match resync(sess, &mut framed) {
+                                    Ok(n) => {
+                                        tracing::warn!(
+                                            "the destination resumed the session; it holds {n} of {} pages",
+                                            sess.space.total()
+                                        );
+                                        SourceCounters::add(&sess.counters.resumes, 1);
+                                        broken_since = None;
+                                        lanes.push(spawn_demand(scope, sess, framed, epoch, started, &tx)?);
+                                    }
+                                    Err(e) => {
+                                        tracing::warn!("a resume failed: {e}");
+                                        framed.send_error(e.code(), e.to_string());
+                                        if broken_since.is_none() {
+                                            broken_since = Some(Instant::now());
+                                        }
+                                    }
+                                }
+                            }
+                            (Lane::Bulk, _, Some(id)) if id == hello.session => {
+                                let epoch = sess.epoch.load(std::sync::atomic::Ordering::Acquire);
+                                let align = hello.lane_flags & LANE_ALIGN_PAYLOAD != 0;
+                                let stop_handle = framed.stream.try_clone().map_err(|e| {
+                                    EngineError::io("cloning a lane's socket", e)
+                                })?;
+                                let lane = framed.lane;
+                                let txc = tx.clone();
+                                let h = std::thread::Builder::new()
+                                    .name(format!("rf-push{}", lane.channel))
+                                    .spawn_scoped(scope, move || {
+                                        let r = pusher::run(sess, framed, epoch, align);
+                                        let _ = txc.send(Note::Ended {
+                                            lane,
+                                            epoch,
+                                            result: r.map(|()| None),
+                                        });
+                                    })
+                                    .map_err(|e| EngineError::io("starting a pusher", e))?;
+                                lanes.push((stop_handle, h));
+                            }
+                            _ => {
+                                tracing::warn!(
+                                    "refused a {:?} lane of another session from {}",
+                                    hello.lane,
+                                    framed.stream.peer()
+                                );
+                                framed.send_error(ErrorCode::Busy, "this source serves another session");
+                            }
+                        }
+                    }
+                    Note::Ended {
+                        lane,
+                        epoch,
+                        result,
+                    } => {
+                        if sess.stale(epoch) {
+                            continue;
+                        }
+                        match result {
+                            Ok(Some(demand::End::Released)) => break Ok(()),
+                            Ok(_) => {}
+                            Err(e) if lane == LaneId::DEMAND => {
+                                if e.is_link_loss() && !self.cfg.resume_timeout.is_zero() {
+                                    tracing::warn!(
+                                        "{e}; keeping the session for a resume (up to {:.0} s)",
+                                        self.cfg.resume_timeout.as_secs_f64()
+                                    );
+                                    let _ = sess.transition(
+                                        &[Phase::Open, Phase::Completing],
+                                        Phase::Broken,
+                                    );
+                                    broken_since = Some(Instant::now());
+                                } else {
+                                    break Err(e);
+                                }
+                            }
+                            Err(e) => {
+                                tracing::warn!("{lane} ended: {e}");
+                                if !e.is_link_loss() {
+                                    break Err(e);
+                                }
+                            }
+                        }
                     }
                 }
-                let s = &session;
-                match hello.lane {
-                    Lane::Demand if demand_handle.is_none() => {
-                        let h = std::thread::Builder::new()
-                            .name("rf-src-demand".into())
-                            .spawn_scoped(scope, move || demand::run(s, stream))
-                            .map_err(|e| EngineError::io("starting the demand thread", e))?;
-                        demand_handle = Some(h);
-                    }
-                    Lane::Bulk => {
-                        let ch = hello.channel;
-                        let h = std::thread::Builder::new()
-                            .name(format!("rf-src-push{ch}"))
-                            .spawn_scoped(scope, move || pusher::run(s, stream, ch))
-                            .map_err(|e| EngineError::io("starting a pusher", e))?;
-                        pushers.push(h);
-                    }
-                    _ => {
-                        tracing::warn!("refused a second demand lane or unknown lane");
-                    }
-                }
-                if joined == hello.channel_count {
-                    tracing::debug!("all {joined} channels joined");
-                }
-            }
-            let demand_result = match demand_handle {
-                Some(h) => h.join().unwrap_or_else(|_| {
-                    Err(EngineError::WorkerPanicked {
-                        worker: "source demand".into(),
-                    })
-                }),
-                None => Ok(()),
             };
-            // Release: pushers poll `done` to stop idling.
-            session.done.store(true, Ordering::Release);
-            if let Ok(v) = streams.lock() {
-                for s in v.iter() {
-                    s.shutdown();
-                }
+            // Stop everything: the acceptor, then every lane.
+            stop.notify();
+            sess.completing
+                .store(true, std::sync::atomic::Ordering::Release);
+            sess.next_epoch();
+            for (s, h) in lanes {
+                s.shutdown();
+                let _ = h.join();
             }
-            for p in pushers {
-                match p.join() {
-                    Ok(Err(e)) if demand_result.is_ok() => {
-                        tracing::debug!("pusher ended after release: {e}");
-                    }
-                    Ok(_) => {}
-                    Err(_) => {
-                        return Err(EngineError::WorkerPanicked {
-                            worker: "source pusher".into(),
-                        })
-                    }
-                }
-            }
-            demand_result
+            let _ = acceptor.join();
+            outcome
         });
+        drop(tx);
         result?;
-        let c = &session.counters;
-        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let c = &sess.counters;
+        let get = SourceCounters::get;
+        let session = sess
+            .id
+            .lock()
+            .ok()
+            .and_then(|g| g.map(|s| hex(&s)))
+            .unwrap_or_default();
         Ok(SourceReport {
-            session: session_id.map(|s| hex(&s)).unwrap_or_default(),
+            session,
             elapsed_s: started.elapsed().as_secs_f64(),
             demand_requests: get(&c.demand_requests),
             demand_pages: get(&c.demand_pages),
@@ -392,6 +473,207 @@ impl Source {
             unpopulated_pages: get(&c.unpopulated_pages),
             wire_bytes: get(&c.wire_bytes),
             released: true,
+            resumes: get(&c.resumes),
+            protection: self.cfg.protection.name().into(),
+            classify_s: crate::stats::ns_to_us(get(&c.scan_ns)) / 1e6,
+            metadata_bytes: sess.plan.sent().allocated_bytes(),
         })
     }
+}
+
+fn spawn_demand<'scope, 'env>(
+    scope: &'scope std::thread::Scope<'scope, 'env>,
+    sess: &'scope Session<'env>,
+    framed: Framed,
+    epoch: u32,
+    started: Instant,
+    tx: &mpsc::Sender<Note>,
+) -> Result<(Stream, std::thread::ScopedJoinHandle<'scope, ()>), EngineError> {
+    let stop = framed
+        .stream
+        .try_clone()
+        .map_err(|e| EngineError::io("cloning the demand socket", e))?;
+    let txc = tx.clone();
+    let h = std::thread::Builder::new()
+        .name("rf-src-demand".into())
+        .spawn_scoped(scope, move || {
+            let r = demand::run(sess, framed, epoch, started);
+            let _ = txc.send(Note::Ended {
+                lane: LaneId::DEMAND,
+                epoch,
+                result: r.map(Some),
+            });
+        })
+        .map_err(|e| EngineError::io("starting the demand lane", e))?;
+    Ok((stop, h))
+}
+
+/// Applies a resuming destination's present bitmap: what it lacks will be
+/// sent again, whatever was in flight when the link broke.
+fn resync(sess: &Session<'_>, framed: &mut Framed) -> Result<u64, EngineError> {
+    framed
+        .stream
+        .set_read_timeout(Some(sess.cfg.liveness))
+        .map_err(|e| EngineError::io("setting a timeout", e))?;
+    let total = sess.space.total();
+    let sent = sess.plan.sent();
+    sent.clear_range(0, total);
+    let mut last_seen = vec![false; sess.space.spans().len()];
+    while last_seen.iter().any(|s| !s) {
+        match framed.recv()? {
+            Message::PresentBitmap(chunk) => {
+                chunk
+                    .validate(sess.layout)
+                    .map_err(|source| EngineError::Decode {
+                        lane: LaneId::DEMAND,
+                        source,
+                    })?;
+                let ri = sess
+                    .space
+                    .index_of(chunk.region)
+                    .ok_or_else(|| EngineError::Internal("validated region vanished".into()))?;
+                let first = sess.space.spans()[ri].first;
+                for (f, c) in chunk.set_ranges() {
+                    sent.set_range(first + f, c);
+                }
+                if chunk.last {
+                    last_seen[ri] = true;
+                }
+            }
+            other => {
+                return Err(EngineError::Unexpected {
+                    lane: LaneId::DEMAND,
+                    kind: other.kind(),
+                    state: "while resuming (PresentBitmap expected)",
+                })
+            }
+        }
+    }
+    sess.plan.restart_sweep();
+    sess.completing
+        .store(false, std::sync::atomic::Ordering::Release);
+    let _ = sess.transition(&[Phase::Open, Phase::Completing, Phase::Broken], Phase::Open);
+    let n = sent.count();
+    framed.send(&Message::Resumed(n))?;
+    framed
+        .stream
+        .set_read_timeout(None)
+        .map_err(|e| EngineError::io("clearing a timeout", e))?;
+    let _ = MsgKind::Resumed;
+    Ok(n)
+}
+
+/// Accepts connections until `stop`; each handshake runs on its own thread
+/// with a deadline, at most `max_handshakes_per_address` at once per address.
+fn accept_loop(
+    listener: &Listener,
+    sess: &Session<'_>,
+    stop: &Notifier,
+    tx: mpsc::Sender<Note>,
+    switch: &Mutex<Option<Box<dyn FnOnce() + Send + '_>>>,
+    backing: &Backing,
+) {
+    let _ = listener.set_nonblocking(true);
+    let per_ip: Arc<Mutex<HashMap<Option<IpAddr>, usize>>> = Arc::new(Mutex::new(HashMap::new()));
+    std::thread::scope(|scope| loop {
+        let mut fds = [
+            rustix::event::PollFd::new(listener, rustix::event::PollFlags::IN),
+            rustix::event::PollFd::new(stop, rustix::event::PollFlags::IN),
+        ];
+        if rustix::event::poll(&mut fds, None).is_err() {
+            continue;
+        }
+        if !fds[1].revents().is_empty() {
+            return;
+        }
+        let stream = match listener.accept() {
+            Ok(s) => s,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+            Err(e) => {
+                tracing::warn!("accept failed: {e}");
+                continue;
+            }
+        };
+        if stream.set_nonblocking(false).is_err() {
+            continue;
+        }
+        let ip = stream.peer_ip();
+        {
+            let Ok(mut m) = per_ip.lock() else { continue };
+            let n = m.entry(ip).or_insert(0);
+            if *n >= sess.cfg.max_handshakes_per_address {
+                tracing::warn!(
+                    "refused a connection from {}: {} handshakes in progress from that address",
+                    stream.peer(),
+                    *n
+                );
+                continue;
+            }
+            *n += 1;
+        }
+        let tx = tx.clone();
+        let per_ip = per_ip.clone();
+        let spawned = std::thread::Builder::new()
+            .name("rf-handshake".into())
+            .spawn_scoped(scope, move || {
+                let peer = stream.peer();
+                let peer = peer.as_str();
+                let r = source_handshake(
+                    stream,
+                    &sess.cfg.key,
+                    sess.layout,
+                    sess.cfg.protection,
+                    sess.cfg.handshake_timeout,
+                    |h| {
+                        let Ok(mut current) = sess.id.lock() else {
+                            return Err(EngineError::Internal("session lock poisoned".into()));
+                        };
+                        match *current {
+                            None if h.resume => Err(EngineError::Session(
+                                "resume of a session this source does not know".into(),
+                            )),
+                            None if h.lane == Lane::Demand => {
+                                // The switch-over: the first authenticated
+                                // destination is ready. Stop the VM and freeze
+                                // its memory before the Welcome lets the
+                                // destination resume it.
+                                *current = Some(h.session);
+                                drop(current);
+                                tracing::info!("destination {peer} authenticated: switch-over");
+                                if let Some(f) = switch.lock().ok().and_then(|mut g| g.take()) {
+                                    f();
+                                }
+                                if let Backing::Memory(m) = backing {
+                                    m.freeze();
+                                }
+                                let _ = sess.transition(&[Phase::Waiting], Phase::Open);
+                                Ok(())
+                            }
+                            None => Err(EngineError::Session(
+                                "a bulk lane before the demand lane".into(),
+                            )),
+                            Some(s) if s != h.session => Err(EngineError::Session(
+                                "this source serves another session".into(),
+                            )),
+                            _ => Ok(()),
+                        }
+                    },
+                );
+                if let Ok(mut m) = per_ip.lock() {
+                    if let Some(n) = m.get_mut(&ip) {
+                        *n = n.saturating_sub(1);
+                    }
+                }
+                match r {
+                    Ok(link) => {
+                        let _ = tx.send(Note::Link(Box::new(link)));
+                    }
+                    Err(e) => tracing::warn!("refused a connection from {peer}: {e}"),
+                }
+            });
+        if let Err(e) = spawned {
+            tracing::warn!("cannot start a handshake thread: {e}");
+        }
+        let _ = stop.as_fd();
+    })
 }

@@ -1,217 +1,178 @@
-//! A bulk lane on the source: claims runs of pages from the session's [`PushPlan`]
-//! and streams them, straight from guest memory, in batches of about
-//! `batch_bytes` per `writev(2)` (the sender's syscall size decides loopback
-//! throughput: 64 KiB writes reach 1.75 GB/s here, 2 MiB writes 4.6 GB/s).
-//!
-//! [`PushPlan`]: crate::schedule::PushPlan
+//! A bulk lane on the source: claims runs of pages from the session's plan
+//! and sends them straight from guest memory, at least `batch_bytes` per
+//! io_uring `SENDMSG` (the sender's write size decides loopback throughput:
+//! 64 KiB writes reach 1.75 GB/s here, 2 MiB writes 4.6 GB/s). Ahead of the
+//! sweep it classifies the next window of memory (`source::scan`). When every
+//! page is out it idles, sending a heartbeat now and then so the destination
+//! can tell an idle lane from a dead one, until the session ends.
 
 use std::os::fd::AsFd;
-use std::sync::atomic::Ordering;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use ringfault_proto::{encode_pages_frame, PageKind, PagesHeader, PAGES_FRAME_LEN};
+use ringfault_proto::Message;
 
-use super::{SendMode, Session, SourceCounters};
-use crate::addr::Stream;
+use super::frames::{Batch, Framer};
+use super::scan::scan_next;
+use super::session::{Phase, Session, SourceCounters};
+use super::Backing;
 use crate::error::EngineError;
-use crate::sys::guest::{send_pieces, Piece};
-use crate::sys::ringio::ZeroCopySender;
+use crate::sys::affinity::{place_current_thread, SchedClass};
+use crate::sys::ring::{Event, Piece, Ring};
+use crate::wire::{seal_control, Framed};
 
-/// One frame to send: its header, and where its payload lies in guest memory.
-#[derive(Debug, Clone, Copy)]
-pub(super) struct PlannedFrame {
-    pub header: PagesHeader,
-    /// (layout index of the region, byte offset, length) of the payload.
-    pub payload: Option<(usize, usize, usize)>,
-}
-
-/// Splits pages `first..first+count` of region `region` into frames: ranges never
-/// populated, ranges of zero pages, and data of at most `max_pages` pages.
-pub(super) fn frames_for_run(
-    s: &Session<'_>,
-    region: usize,
-    first: u64,
-    count: u64,
-    max_pages: u32,
-    request_id: u64,
-    out: &mut Vec<PlannedFrame>,
-) {
-    let r = &s.regions[region];
-    let pop = &s.populated[region];
-    let ps = r.page_size.bytes();
-    let Ok(ps_usize) = usize::try_from(ps) else {
-        return;
-    };
-    let area = r.area();
-    let end = first + count;
-    let max = u64::from(max_pages.min(ringfault_proto::MAX_PAGES_PER_FRAME));
-    let class = |p: u64| -> PageKind {
-        if !pop.is_populated(p) {
-            PageKind::Unpopulated
-        } else if area.is_zero(usize::try_from(p * ps).unwrap_or(usize::MAX), ps_usize) {
-            PageKind::Zero
-        } else {
-            PageKind::Data
-        }
-    };
-    let mut p = first;
-    let mut kind = if p < end { class(p) } else { return };
-    while p < end {
-        let start = p;
-        let cap = if kind == PageKind::Data {
-            max
-        } else {
-            u64::from(ringfault_proto::MAX_PAGES_PER_FRAME)
-        };
-        let mut next_kind = None;
-        p += 1;
-        while p < end && p - start < cap {
-            let k = class(p);
-            if k != kind {
-                next_kind = Some(k);
-                break;
-            }
-            p += 1;
-        }
-        let n = p - start;
-        let n32 = u32::try_from(n).unwrap_or(u32::MAX);
-        let (payload_len, payload) = if kind == PageKind::Data {
-            let off = usize::try_from(start * ps).unwrap_or(usize::MAX);
-            let len = usize::try_from(n * ps).unwrap_or(usize::MAX);
-            (
-                u32::try_from(n * ps).unwrap_or(u32::MAX),
-                Some((region, off, len)),
-            )
-        } else {
-            (0, None)
-        };
-        out.push(PlannedFrame {
-            header: PagesHeader {
-                region: r.id(),
-                kind,
-                first_page: start,
-                count: n32,
-                payload_len,
-                request_id,
-            },
-            payload,
-        });
-        match next_kind {
-            Some(k) => kind = k,
-            None if p < end => kind = class(p),
-            None => {}
-        }
-    }
-}
-
-/// Sends planned frames as one vectored write (or one zero-copy send, when `zc` is
-/// given). Returns bytes written.
-pub(super) fn send_frames(
-    s: &Session<'_>,
-    stream: &Stream,
-    frames: &[PlannedFrame],
-    zc: Option<&mut ZeroCopySender>,
-) -> std::io::Result<usize> {
-    let headers: Vec<[u8; PAGES_FRAME_LEN]> = frames
-        .iter()
-        .map(|f| encode_pages_frame(&f.header))
-        .collect();
-    let mut pieces = Vec::with_capacity(frames.len() * 2);
-    for (f, h) in frames.iter().zip(&headers) {
-        pieces.push(Piece::Bytes(h));
-        if let Some((region, offset, len)) = f.payload {
-            pieces.push(Piece::Guest {
-                area: s.regions[region].area(),
-                offset,
-                len,
-            });
-        }
-    }
-    match zc {
-        Some(z) => z.send(stream.as_fd(), &pieces),
-        None => send_pieces(stream.as_fd(), &pieces),
-    }
-}
-
-/// Counts what a batch of frames carried.
-pub(super) fn count_frames(c: &SourceCounters, frames: &[PlannedFrame], demand: bool) {
-    for f in frames {
-        let n = u64::from(f.header.count);
-        match f.header.kind {
-            PageKind::Data if demand => SourceCounters::add(&c.demand_pages, n),
-            PageKind::Data => SourceCounters::add(&c.bulk_pages, n),
-            PageKind::Zero => SourceCounters::add(&c.zero_pages, n),
-            PageKind::Unpopulated => SourceCounters::add(&c.unpopulated_pages, n),
-        }
-    }
-}
-
-/// Runs one bulk lane until every page has been claimed, then idles until the
-/// session ends (the connection stays open so that the destination can tell a
-/// finished lane from a lost one).
-pub(super) fn run(s: &Session<'_>, stream: Stream, channel: u16) -> Result<(), EngineError> {
-    crate::sys::affinity::place_current_thread(
+/// Runs one bulk lane until the session ends or the lane's epoch is over.
+pub fn run(sess: &Session<'_>, link: Framed, epoch: u32, align: bool) -> Result<(), EngineError> {
+    let lane = link.lane;
+    let cores = crate::sys::affinity::online_cores().max(1);
+    place_current_thread(
         "source bulk lane",
-        s.cfg.pin_workers,
-        usize::from(channel),
-        s.cfg
-            .prioritize_demand
-            .then_some(crate::sys::affinity::SchedClass::Batch),
+        sess.cfg.pin_workers,
+        // Lane k on core k-1: on one host (a benchmark) the destination's bulk
+        // worker of lane k is on core k, so the two ends of a lane do not
+        // share a core; the demand lane's threads are on core 0.
+        usize::from(lane.channel.saturating_sub(1)) % cores,
+        sess.cfg.prioritize_demand.then_some(SchedClass::Batch),
     );
-    let ps_min = s
-        .regions
-        .iter()
-        .map(|r| r.page_size.bytes())
-        .min()
-        .unwrap_or(4096);
-    let batch_pages = (s.cfg.batch_bytes as u64 / ps_min).max(1);
-    let mut frames = Vec::new();
-    let mut zc = match s.cfg.send {
-        SendMode::Writev => None,
-        SendMode::ZeroCopy => Some(ZeroCopySender::new().map_err(|e| {
-            EngineError::io("zero-copy sends need io_uring SENDMSG_ZC (Linux 6.1)", e)
-        })?),
+    let Framed {
+        stream,
+        mut sealer,
+        opener: _,
+        lane,
+    } = link;
+    let mut ring = Ring::new(16)?;
+    let mem = match sess.backing {
+        Backing::Memory(m) => Some(m.clone()),
+        Backing::File(_) => None,
     };
+    let framer = Framer {
+        backing: sess.backing,
+        space: &sess.space,
+        frame_pages: sess.cfg.frame_pages,
+        align,
+        lane,
+    };
+    let ps_min = sess.space.spans().iter().map(|s| s.page_size).min().unwrap_or(4096);
+    let batch_pages = (sess.cfg.batch_bytes / ps_min).max(1) as u64;
+    let mut batch = Batch::default();
+    let mut stream_pos = 0u64;
+    let mut events = Vec::with_capacity(4);
+    let mut last_tx = Instant::now();
+    let beat = (sess.cfg.liveness / 4).max(Duration::from_millis(100));
+    // Wait for the switch-over.
     loop {
-        // Acquire: pairs with the Release stores that end the session.
-        if s.done.load(Ordering::Acquire) || s.completing.load(Ordering::Acquire) {
-            break;
+        if sess.stale(epoch) {
+            return Ok(());
         }
-        let runs = s.plan.next_batch(batch_pages);
-        if runs.is_empty() {
-            if s.plan.exhausted() {
-                break;
+        match sess.wait(epoch, beat) {
+            Phase::Waiting => continue,
+            _ => break,
+        }
+    }
+    loop {
+        if sess.stale(epoch) || sess.phase() == Phase::Released {
+            return Ok(());
+        }
+        batch.clear();
+        // Acquire: pairs with the demand lane's Release store at Complete.
+        let completing = sess.completing.load(std::sync::atomic::Ordering::Acquire);
+        if !completing {
+            if sess.plan.needs_scan() {
+                for chunk in scan_next(sess)? {
+                    let start = batch.buf.len();
+                    Message::ZeroRanges(chunk).encode(&mut batch.buf);
+                    let mut frame = batch.buf.split_off(start);
+                    seal_control(&mut sealer, &mut frame, lane)?;
+                    stream_pos += frame.len() as u64;
+                    batch.buf.extend_from_slice(&frame);
+                    batch.pieces.push(Piece::Own {
+                        start,
+                        end: batch.buf.len(),
+                    });
+                }
             }
-            continue;
+            let runs = sess.plan.next_batch(batch_pages);
+            let t = Instant::now();
+            for r in &runs {
+                framer.append(
+                    &mut batch,
+                    &mut sealer,
+                    r.region,
+                    r.first,
+                    r.count,
+                    0,
+                    &mut stream_pos,
+                    &sess.counters,
+                    false,
+                )?;
+            }
+            if !runs.is_empty() {
+                SourceCounters::add(
+                    &sess.counters.scan_ns,
+                    u64::try_from(t.elapsed().as_nanos()).unwrap_or(0),
+                );
+            }
         }
-        frames.clear();
-        for r in runs {
-            frames_for_run(
-                s,
-                r.region,
-                r.first,
-                r.count,
-                s.cfg.frame_pages,
-                0,
-                &mut frames,
-            );
+        if batch.is_empty() {
+            if !completing && sess.plan.needs_scan() {
+                continue;
+            }
+            if last_tx.elapsed() >= beat {
+                let start = batch.buf.len();
+                Message::Heartbeat.encode(&mut batch.buf);
+                let mut frame = batch.buf.split_off(start);
+                seal_control(&mut sealer, &mut frame, lane)?;
+                stream_pos += frame.len() as u64;
+                batch.buf.extend_from_slice(&frame);
+                batch.pieces.push(Piece::Own {
+                    start,
+                    end: batch.buf.len(),
+                });
+            } else {
+                sess.idle(beat - last_tx.elapsed());
+                continue;
+            }
         }
-        let n = send_frames(s, &stream, &frames, zc.as_mut())
-            .map_err(|e| EngineError::io(format!("sending bulk pages on channel {channel}"), e))?;
-        SourceCounters::add(&s.counters.wire_bytes, n as u64);
-        count_frames(&s.counters, &frames, false);
+        let wire = batch.buf.len() as u64
+            + batch
+                .pieces
+                .iter()
+                .map(|p| match p {
+                    Piece::Guest { len, .. } => *len as u64,
+                    Piece::Own { .. } => 0,
+                })
+                .sum::<u64>();
+        let buf = std::mem::take(&mut batch.buf);
+        ring.send_vectored(stream.as_fd(), mem.as_ref(), buf, &batch.pieces, 1)?;
+        // One send in flight per socket: its bytes must not interleave with
+        // the next batch's.
+        let returned = loop {
+            ring.submit_and_wait(Some(sess.cfg.liveness))?;
+            events.clear();
+            ring.events(&mut events)?;
+            if let Some(pos) = events.iter().position(|e| matches!(e, Event::Sent { .. })) {
+                if let Event::Sent { result, buf, .. } = events.swap_remove(pos) {
+                    break result.map(|_| buf);
+                }
+            }
+            if sess.stale(epoch) {
+                ring.cancel_all()?;
+            }
+        };
+        match returned {
+            Ok(b) => batch.buf = b,
+            Err(e) => {
+                if sess.stale(epoch) || sess.phase() == Phase::Released {
+                    return Ok(());
+                }
+                return Err(match e.kind() {
+                    std::io::ErrorKind::BrokenPipe
+                    | std::io::ErrorKind::ConnectionReset
+                    | std::io::ErrorKind::TimedOut => EngineError::ConnectionLost { lane },
+                    _ => EngineError::io(format!("sending on the {lane}"), e),
+                });
+            }
+        }
+        SourceCounters::add(&sess.counters.wire_bytes, wire);
+        last_tx = Instant::now();
     }
-    if let Some(z) = &zc {
-        tracing::info!(
-            "bulk channel {channel}: {} zero-copy sends, {} of them copied by the kernel",
-            z.sends,
-            z.copied
-        );
-    }
-    tracing::debug!("bulk channel {channel}: every page sent");
-    // Acquire: as above.
-    while !s.done.load(Ordering::Acquire) {
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    Ok(())
 }

@@ -1,29 +1,82 @@
-//! Safe page installs for the destination's hot paths, on top of [`Uffd`]'s raw
-//! ioctls: the source of a copy or move is a buffer the engine owns, and the kernel
-//! itself refuses a destination outside the ranges registered on this userfaultfd
-//! (`ENOENT`), so no call here can write outside guest memory.
+//! Safe page installs for the hot paths, on top of [`Uffd`]'s raw ioctls:
+//! the source of a copy is a buffer the engine owns (a receive ring, a
+//! staging buffer), and the kernel itself refuses a destination outside the
+//! ranges registered on this userfaultfd (`ENOENT`) or already present
+//! (`EEXIST`), so no call here can write outside guest memory or over a
+//! page the guest already owns.
 //!
-//! Needs Linux 4.3 (COPY, ZEROPAGE) and 6.8 (MOVE).
+//! # Kernel versions
+//! Linux 4.3 (COPY, ZEROPAGE), 6.8 (MOVE).
+//!
+//! # Hazards
+//! `UFFDIO_MOVE` takes the pages out of the receive ring: the ring must be
+//! private anonymous memory ([`StreamRing::new`] with `private`), and the
+//! moved range reads as zeros (or is refilled) afterwards.
 
-use crate::sys::mapping::{AlignedBuf, GuestMapping};
+use crate::sys::bufring::StreamRing;
 use crate::sys::uffd::{Installed, Uffd, UffdError};
 
 /// `UFFDIO_COPY` of `src` to the missing pages at `dst`.
-pub fn copy_from(uffd: &Uffd, dst: usize, src: &[u8], wake: bool) -> Result<Installed, UffdError> {
+pub fn copy(uffd: &Uffd, dst: usize, src: &[u8], wake: bool) -> Result<Installed, UffdError> {
     // SAFETY: `src` is a live shared borrow, so it is readable and no safe code
-    // writes it during the call; the kernel only fills `dst` if it lies in a range
-    // registered on this uffd (else ENOENT), i.e. guest memory whose missing pages
-    // the engine alone installs.
+    // writes it during the call; the kernel only fills `dst` if it lies in a
+    // range registered on this uffd and its pages are missing, i.e. guest
+    // memory that no Rust reference covers (sys::guest).
     unsafe { uffd.copy(dst, src.as_ptr(), src.len(), wake) }
 }
 
-/// `UFFDIO_COPY` of `len` bytes at `offset` of `src`, a mapping the engine holds
-/// (e.g. a snapshot memory file), straight to the missing pages at `dst`: no staging
-/// copy. A range beyond `src` is refused with `EINVAL` before the kernel is asked.
-pub fn copy_from_mapping(
+/// `UFFDIO_ZEROPAGE` over the missing pages of `dst..dst+len`.
+pub fn zero(uffd: &Uffd, dst: usize, len: usize, wake: bool) -> Result<Installed, UffdError> {
+    // SAFETY: the kernel only maps the zero page into registered ranges whose
+    // pages are missing; deciding that they are zero is the engine's job.
+    unsafe { uffd.zeropage(dst, len, wake) }
+}
+
+/// `UFFDIO_MOVE` of `len` bytes at `offset` into the unconsumed bytes of a
+/// private receive ring, to the missing pages at `dst`. Refused with `EINVAL`
+/// before the kernel is asked if the range is not inside the contiguous
+/// readable bytes, not page-aligned, or the ring is shared.
+pub fn move_out(
     uffd: &Uffd,
     dst: usize,
-    src: &GuestMapping,
+    ring: &mut StreamRing,
+    offset: usize,
+    len: usize,
+) -> Result<Installed, UffdError> {
+    let private = !ring.mirrored();
+    let bytes = ring.readable_mut();
+    let ok = private
+        && offset
+            .checked_add(len)
+            .is_some_and(|end| end <= bytes.len())
+        && (bytes.as_ptr() as usize + offset).is_multiple_of(4096)
+        && len.is_multiple_of(4096);
+    if !ok {
+        return Err(UffdError::Range {
+            op: "UFFDIO_MOVE",
+            addr: dst,
+            len,
+            source: std::io::Error::from_raw_os_error(libc::EINVAL),
+        });
+    }
+    let src = bytes[offset..offset + len].as_mut_ptr();
+    // SAFETY: `src..src+len` is part of the ring's private anonymous memory,
+    // borrowed mutably (no one else reads or writes it during the call), page
+    // aligned (checked); after the move those bytes are consumed data the
+    // ring never reads again, and the kernel refills them on the next lap.
+    // The kernel only fills registered, missing pages at `dst`, as for COPY.
+    unsafe { uffd.move_pages(dst, src, len, true, false) }
+}
+
+/// `UFFDIO_COPY` of `len` bytes at `offset` of `src`, a mapping the engine
+/// holds (a snapshot memory file), straight to the missing pages at `dst`: no
+/// staging copy, and no user-space read of the mapping, so a file that shrank
+/// gives `EFAULT` here rather than `SIGBUS`. A range beyond the mapping is
+/// refused with `EINVAL` before the kernel is asked.
+pub fn copy_mapped(
+    uffd: &Uffd,
+    dst: usize,
+    src: &crate::sys::mapping::Mapping,
     offset: usize,
     len: usize,
     wake: bool,
@@ -37,42 +90,9 @@ pub fn copy_from_mapping(
         });
     }
     // SAFETY: `src` is borrowed, so it stays mapped for the call, and the range
-    // was bounds-checked. The kernel reads it itself (a page it cannot read, e.g.
-    // past the end of a truncated file, fails with EFAULT rather than a signal).
-    // Only the kernel writes `dst`, and only into registered missing pages, as
-    // for `copy_from`.
+    // was bounds-checked. The kernel reads it itself (a page it cannot read,
+    // e.g. past the end of a truncated file, fails with EFAULT rather than a
+    // signal); no Rust reference to it is made. Only the kernel writes `dst`,
+    // and only into registered missing pages, as for `copy`.
     unsafe { uffd.copy(dst, src.as_ptr().add(offset), len, wake) }
-}
-
-/// `UFFDIO_ZEROPAGE` over the missing pages of `dst..dst+len`.
-pub fn zero(uffd: &Uffd, dst: usize, len: usize, wake: bool) -> Result<Installed, UffdError> {
-    // SAFETY: the kernel only maps the zero page into ranges registered on this
-    // uffd whose pages are missing; deciding that they are zero is the engine's
-    // job (the source said so).
-    unsafe { uffd.zeropage(dst, len, wake) }
-}
-
-/// `UFFDIO_MOVE` of `len` bytes of `buf` at `offset` to the missing pages at `dst`.
-/// Afterwards that part of `buf` is unpopulated (it reads as zeros, or is filled
-/// again by the next receive).
-pub fn move_from(
-    uffd: &Uffd,
-    dst: usize,
-    buf: &mut AlignedBuf,
-    offset: usize,
-    len: usize,
-) -> Result<Installed, UffdError> {
-    let in_range = offset.checked_add(len).is_some_and(|end| end <= buf.len());
-    if !in_range {
-        return Err(UffdError::Range {
-            op: "UFFDIO_MOVE",
-            addr: dst,
-            len,
-            source: std::io::Error::from_raw_os_error(libc::EINVAL),
-        });
-    }
-    // SAFETY: `buf` is private anonymous memory we borrow mutably, so no one else
-    // reads or writes it during the call; the range was bounds-checked; the kernel
-    // only fills registered, missing pages at `dst`, as for COPY.
-    unsafe { uffd.move_pages(dst, buf.as_mut_ptr().add(offset), len, true, true) }
 }

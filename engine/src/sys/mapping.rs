@@ -1,20 +1,24 @@
-//! Guest memory mappings and page-aligned receive buffers.
+//! Memory mappings: guest RAM, page-aligned buffers, and double-mapped
+//! (mirrored) receive rings.
 //!
 //! # Mechanism
 //!
-//! [`GuestMapping`] is a region of guest RAM: anonymous private memory we map
-//! ourselves (4 KiB pages, optionally transparent huge pages, or hugetlbfs
-//! 2 MiB / 1 GiB pages via `MAP_HUGETLB`), or memory a VMM owns and lends us
-//! ([`GuestMapping::from_raw`]). [`AlignedBuf`] is a pre-touched,
-//! page-aligned anonymous buffer that the engine owns, for receiving pages
-//! off the wire before `UFFDIO_COPY`, and for io_uring fixed buffers.
+//! [`Mapping`] is an address range with a page size: anonymous private
+//! memory we map ourselves (4 KiB pages, optionally transparent huge pages,
+//! or hugetlbfs 2 MiB / 1 GiB pages via `MAP_HUGETLB`), a private read-only
+//! file mapping, or memory a VMM owns and lends us ([`Mapping::from_raw`]).
+//! It is the building block of [`crate::sys::guest::GuestMemory`], the one
+//! type through which the engine reaches guest memory. [`AlignedBuf`] is a
+//! pre-touched, page-aligned anonymous buffer that the engine owns.
+//! [`Mirror`] maps one memfd twice, back to back, so that a byte stream
+//! received into it as a ring is contiguous across the wrap-around.
 //!
 //! # The rule: guest memory is never a Rust reference
 //!
-//! Nothing here hands out `&[u8]` or `&mut [u8]` into a `GuestMapping`: the
+//! Nothing here hands out `&[u8]` or `&mut [u8]` into a `Mapping`: the
 //! guest's vCPUs and the kernel (uffd installs) change it behind the
 //! compiler's back. It is reached only through raw pointers
-//! ([`GuestMapping::as_ptr`]) and the copying helpers here. Who may write
+//! ([`Mapping::as_ptr`]) and the copying helpers here. Who may write
 //! which page, and when, is the engine's contract:
 //!
 //! * destination, before a page's bit is set in the present bitmap: only the
@@ -49,7 +53,11 @@
 //!   4 KiB as the present bitmap assumes (`UFFDIO_COPY` installs 4 KiB pages
 //!   anyway).
 //! * The first touch of fresh memory costs ~11 µs/page on this machine kind,
-//!   which is why [`AlignedBuf`] is touched at creation.
+//!   which is why [`AlignedBuf`] and [`Mirror`] are touched at creation.
+//! * A [`Mirror`] is shared memory: `UFFDIO_MOVE` refuses it as a source.
+//! * Reading a file mapping past the end of a file that shrank raises
+//!   `SIGBUS`: the engine never reads file mappings in user space (file
+//!   sources use `pread`, `crate::sys::file`).
 
 use std::io;
 use std::ptr::{self, NonNull};
@@ -122,7 +130,16 @@ pub enum MapError {
     },
 }
 
-/// Options for [`GuestMapping::anonymous`].
+/// `memfd_create` or `ftruncate` for a mirrored ring failed.
+fn memfd_error(len: usize, source: io::Error) -> MapError {
+    MapError::Mmap {
+        len,
+        page_size: PAGE_4K,
+        source,
+    }
+}
+
+/// Options for [`Mapping::anonymous`].
 #[derive(Debug, Clone, Copy, Default)]
 pub struct MapOptions {
     /// For 4 KiB mappings: align to 2 MiB and `MADV_HUGEPAGE`; otherwise
@@ -203,7 +220,7 @@ fn madvise(
 
 /// A region of guest RAM, reached through raw pointers only.
 #[derive(Debug)]
-pub struct GuestMapping {
+pub struct Mapping {
     ptr: NonNull<u8>,
     len: usize,
     page_size: usize,
@@ -211,24 +228,24 @@ pub struct GuestMapping {
     owned: bool,
 }
 
-// SAFETY: a GuestMapping is an address range, not Rust-owned data: it hands
+// SAFETY: a Mapping is an address range, not Rust-owned data: it hands
 // out no references, and all access goes through raw pointers or copies whose
 // concurrency rule (who writes which page when) is the engine's contract
 // documented in the module doc. Moving it to or sharing it with another
 // thread changes none of that; munmap on drop happens once, from the owner.
-unsafe impl Send for GuestMapping {}
-// SAFETY: see `Send`: `&GuestMapping` only gives the pointer, sizes, and
+unsafe impl Send for Mapping {}
+// SAFETY: see `Send`: `&Mapping` only gives the pointer, sizes, and
 // copying helpers; there is no interior state besides the memory itself.
-unsafe impl Sync for GuestMapping {}
+unsafe impl Sync for Mapping {}
 
-impl GuestMapping {
+impl Mapping {
     /// Maps `len` bytes of private anonymous memory with pages of
     /// `page_size` (4 KiB, 2 MiB or 1 GiB; the latter two from hugetlbfs).
     pub fn anonymous(
         len: usize,
         page_size: usize,
         opts: MapOptions,
-    ) -> Result<GuestMapping, MapError> {
+    ) -> Result<Mapping, MapError> {
         let huge_flags = check_page_size(page_size)?;
         if len == 0 || !len.is_multiple_of(page_size) {
             return Err(MapError::Length { len, page_size });
@@ -266,7 +283,7 @@ impl GuestMapping {
             };
             mmap_anon(len, huge_flags | populate).map_err(mmap_err)?
         };
-        let mapping = GuestMapping {
+        let mapping = Mapping {
             ptr,
             len,
             page_size,
@@ -293,18 +310,18 @@ impl GuestMapping {
     /// Maps the first `len` bytes of `file` private and read-only, e.g. a
     /// snapshot memory file served to a destination. Pages are read from the
     /// page cache on first touch; the mapping never writes the file.
-    pub fn map_file(file: &std::fs::File, len: usize) -> Result<GuestMapping, MapError> {
+    pub fn map_file(file: &std::fs::File, len: usize) -> Result<Mapping, MapError> {
         Self::map_file_at(file, 0, len)
     }
 
     /// Maps `len` bytes of `file` from byte `offset` (4 KiB-aligned), private and
-    /// read-only, like [`GuestMapping::map_file`]: e.g. one region of a snapshot
+    /// read-only, like [`Mapping::map_file`]: e.g. one region of a snapshot
     /// memory file that holds several one after the other.
     pub fn map_file_at(
         file: &std::fs::File,
         offset: u64,
         len: usize,
-    ) -> Result<GuestMapping, MapError> {
+    ) -> Result<Mapping, MapError> {
         use std::os::fd::AsRawFd;
         if len == 0 || !len.is_multiple_of(PAGE_4K) {
             return Err(MapError::Length {
@@ -343,7 +360,7 @@ impl GuestMapping {
             len,
             page_size: PAGE_4K,
         })?;
-        Ok(GuestMapping {
+        Ok(Mapping {
             ptr,
             len,
             page_size: PAGE_4K,
@@ -362,7 +379,7 @@ impl GuestMapping {
         ptr: *mut u8,
         len: usize,
         page_size: usize,
-    ) -> Result<GuestMapping, MapError> {
+    ) -> Result<Mapping, MapError> {
         check_page_size(page_size)?;
         if len == 0 || !len.is_multiple_of(page_size) {
             return Err(MapError::Length { len, page_size });
@@ -372,7 +389,7 @@ impl GuestMapping {
             Some(p) if addr.is_multiple_of(page_size) => p,
             _ => return Err(MapError::Misaligned { addr, page_size }),
         };
-        Ok(GuestMapping {
+        Ok(Mapping {
             ptr,
             len,
             page_size,
@@ -428,7 +445,7 @@ impl GuestMapping {
     /// Copies `dst.len()` bytes from `offset` into `dst`.
     ///
     /// Blocks if the bytes are in a missing page of a uffd-registered region.
-    pub fn read_page_into(&self, offset: usize, dst: &mut [u8]) -> Result<(), MapError> {
+    pub fn read_into(&self, offset: usize, dst: &mut [u8]) -> Result<(), MapError> {
         let src = self.check(offset, dst.len())?;
         // SAFETY: `src..src+len` is inside the mapping (checked) and readable;
         // `dst` is a distinct Rust buffer (guest memory is never a Rust
@@ -464,6 +481,146 @@ impl GuestMapping {
         let p = self.check(offset, len)?;
         // SAFETY: the range is inside the mapping (checked) and readable.
         Ok(unsafe { is_zero_raw(p, len) })
+    }
+
+    /// Reads the little-endian `u64` at `offset` (volatile, any alignment).
+    pub fn load_u64(&self, offset: usize) -> Result<u64, MapError> {
+        let p = self.check(offset, 8)?;
+        // SAFETY: 8 bytes inside the mapping (checked), readable; unaligned
+        // reads are fine on the platforms Linux runs this on.
+        Ok(unsafe { p.cast::<u64>().read_unaligned() })
+    }
+
+    /// Writes a `u64` at `offset` (a guest store).
+    pub fn store_u64(&self, offset: usize, v: u64) -> Result<(), MapError> {
+        let p = self.check(offset, 8)?;
+        // SAFETY: 8 bytes inside the writable mapping (checked); no Rust
+        // reference to guest memory exists that this could alias.
+        unsafe { p.cast::<u64>().write_unaligned(v) };
+        Ok(())
+    }
+
+    /// `MADV_COLLAPSE` (Linux 6.1) of `[offset, offset + len)`: rebuilds
+    /// transparent huge pages where every 4 KiB page of a 2 MiB range is
+    /// present. Synchronous; costs a copy of each range it collapses.
+    pub fn collapse(&self, offset: usize, len: usize) -> Result<(), MapError> {
+        const MADV_COLLAPSE: libc::c_int = 25;
+        let p = self.check(offset, len)?;
+        madvise(p, len, MADV_COLLAPSE, "MADV_COLLAPSE")
+    }
+
+    /// `MADV_POPULATE_WRITE` (Linux 5.14): allocates every page of the range now.
+    pub fn populate_write(&self, offset: usize, len: usize) -> Result<(), MapError> {
+        let p = self.check(offset, len)?;
+        madvise(p, len, libc::MADV_POPULATE_WRITE, "MADV_POPULATE_WRITE")
+    }
+
+    /// Whether the mapping is ours to unmap (false for [`Mapping::from_raw`]).
+    pub fn is_owned(&self) -> bool {
+        self.owned
+    }
+}
+
+/// One memfd mapped twice, back to back: bytes `[size, 2 * size)` alias
+/// `[0, size)`, so a ring of `size` bytes reads contiguously across its end.
+#[derive(Debug)]
+pub struct Mirror {
+    ptr: NonNull<u8>,
+    size: usize,
+}
+
+// SAFETY: a Mirror owns its two mappings like a Box<[u8]>; all access goes
+// through raw pointers handed to its owner (`sys::recvring`), which enforces
+// who reads and writes which bytes.
+unsafe impl Send for Mirror {}
+
+impl Mirror {
+    /// Maps `size` bytes (a multiple of 4 KiB) twice and touches every page.
+    pub fn new(size: usize) -> Result<Mirror, MapError> {
+        use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+        if size == 0 || !size.is_multiple_of(PAGE_4K) {
+            return Err(MapError::Length {
+                len: size,
+                page_size: PAGE_4K,
+            });
+        }
+        let total = size.checked_mul(2).ok_or(MapError::Length {
+            len: size,
+            page_size: PAGE_4K,
+        })?;
+        // SAFETY: memfd_create takes a NUL-terminated name and flags only.
+        let fd = unsafe { libc::memfd_create(c"ringfault-rx".as_ptr(), libc::MFD_CLOEXEC) };
+        if fd < 0 {
+            return Err(memfd_error(size, io::Error::last_os_error()));
+        }
+        // SAFETY: memfd_create just returned this fd; nothing else owns it.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        let flen = libc::off_t::try_from(size)
+            .map_err(|_| memfd_error(size, io::Error::other("ring too large")))?;
+        // SAFETY: ftruncate on our own memfd.
+        if unsafe { libc::ftruncate(fd.as_raw_fd(), flen) } < 0 {
+            return Err(memfd_error(size, io::Error::last_os_error()));
+        }
+        // Reserve 2 * size of address space, then map the memfd over both halves.
+        // SAFETY: a fresh PROT_NONE reservation at a kernel-chosen address.
+        let base = unsafe {
+            libc::mmap(
+                ptr::null_mut(),
+                total,
+                libc::PROT_NONE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                -1,
+                0,
+            )
+        };
+        if base == libc::MAP_FAILED {
+            return Err(memfd_error(size, io::Error::last_os_error()));
+        }
+        let base = base.cast::<u8>();
+        for half in 0..2 {
+            // SAFETY: MAP_FIXED over our own reservation (half * size is within
+            // it); the memfd is `size` bytes long.
+            let p = unsafe {
+                libc::mmap(
+                    base.add(half * size).cast(),
+                    size,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    libc::MAP_SHARED | libc::MAP_FIXED | libc::MAP_POPULATE,
+                    fd.as_raw_fd(),
+                    0,
+                )
+            };
+            if p == libc::MAP_FAILED {
+                let e = io::Error::last_os_error();
+                // SAFETY: the reservation is ours and unused.
+                unsafe { munmap(base, total) };
+                return Err(memfd_error(size, e));
+            }
+        }
+        for off in (0..size).step_by(PAGE_4K) {
+            // SAFETY: off < size: inside the first half, writable.
+            unsafe { base.add(off).write_volatile(0) };
+        }
+        let ptr = NonNull::new(base).ok_or_else(|| memfd_error(size, io::Error::other("null")))?;
+        Ok(Mirror { ptr, size })
+    }
+
+    /// Start of the ring.
+    pub fn as_ptr(&self) -> *mut u8 {
+        self.ptr.as_ptr()
+    }
+
+    /// Ring size (half the mapped length).
+    pub fn size(&self) -> usize {
+        self.size
+    }
+}
+
+impl Drop for Mirror {
+    fn drop(&mut self) {
+        // SAFETY: we mapped exactly 2 * size bytes at ptr; the memfd is closed
+        // already and the mappings keep its pages until this munmap.
+        unsafe { munmap(self.ptr.as_ptr(), 2 * self.size) };
     }
 }
 
@@ -511,7 +668,7 @@ pub(crate) unsafe fn is_zero_raw(p: *const u8, len: usize) -> bool {
     true
 }
 
-impl Drop for GuestMapping {
+impl Drop for Mapping {
     fn drop(&mut self) {
         if self.owned {
             // SAFETY: we mapped exactly this range and, being dropped, nobody
@@ -611,14 +768,14 @@ mod tests {
 
     #[test]
     fn write_read_zero() -> Result<(), MapError> {
-        let m = GuestMapping::anonymous(4 * PAGE_4K, PAGE_4K, MapOptions::default())?;
+        let m = Mapping::anonymous(4 * PAGE_4K, PAGE_4K, MapOptions::default())?;
         assert!(m.is_zero(0, m.len())?);
         m.write_from(PAGE_4K + 13, b"hello")?;
         assert!(!m.is_zero(0, m.len())?);
         assert!(!m.is_zero(PAGE_4K + 17, 1)?);
         assert!(m.is_zero(PAGE_4K + 18, PAGE_4K)?);
         let mut out = [0u8; 5];
-        m.read_page_into(PAGE_4K + 13, &mut out)?;
+        m.read_into(PAGE_4K + 13, &mut out)?;
         assert_eq!(&out, b"hello");
         assert!(matches!(
             m.write_from(m.len() - 2, b"abc"),
@@ -631,7 +788,7 @@ mod tests {
 
     #[test]
     fn thp_mapping_is_aligned() -> Result<(), MapError> {
-        let m = GuestMapping::anonymous(
+        let m = Mapping::anonymous(
             PAGE_2M * 2,
             PAGE_4K,
             MapOptions {
@@ -646,19 +803,19 @@ mod tests {
 
     #[test]
     fn from_raw_does_not_unmap() -> Result<(), MapError> {
-        let owner = GuestMapping::anonymous(2 * PAGE_4K, PAGE_4K, MapOptions::default())?;
+        let owner = Mapping::anonymous(2 * PAGE_4K, PAGE_4K, MapOptions::default())?;
         owner.write_from(PAGE_4K, b"kept")?;
         {
             // SAFETY: `owner` keeps the region mapped for the borrow's life.
-            let lent = unsafe { GuestMapping::from_raw(owner.as_ptr(), owner.len(), PAGE_4K)? };
+            let lent = unsafe { Mapping::from_raw(owner.as_ptr(), owner.len(), PAGE_4K)? };
             assert_eq!(lent.pages(), 2);
         }
         let mut b = [0u8; 4];
-        owner.read_page_into(PAGE_4K, &mut b)?;
+        owner.read_into(PAGE_4K, &mut b)?;
         assert_eq!(&b, b"kept");
         // SAFETY: rejected before use: misaligned.
         let bad =
-            unsafe { GuestMapping::from_raw(owner.as_ptr().wrapping_add(1), PAGE_4K, PAGE_4K) };
+            unsafe { Mapping::from_raw(owner.as_ptr().wrapping_add(1), PAGE_4K, PAGE_4K) };
         assert!(matches!(bad, Err(MapError::Misaligned { .. })));
         Ok(())
     }
@@ -666,13 +823,26 @@ mod tests {
     #[test]
     fn bad_sizes() {
         assert!(matches!(
-            GuestMapping::anonymous(4096, 8192, MapOptions::default()),
+            Mapping::anonymous(4096, 8192, MapOptions::default()),
             Err(MapError::PageSize { .. })
         ));
         assert!(matches!(
-            GuestMapping::anonymous(4095, 4096, MapOptions::default()),
+            Mapping::anonymous(4095, 4096, MapOptions::default()),
             Err(MapError::Length { .. })
         ));
+    }
+
+    #[test]
+    fn mirror_aliases_its_halves() -> Result<(), MapError> {
+        let m = Mirror::new(2 * PAGE_4K)?;
+        // SAFETY: test: both offsets are inside the 4-page double mapping.
+        unsafe {
+            m.as_ptr().add(5).write(42);
+            assert_eq!(m.as_ptr().add(2 * PAGE_4K + 5).read(), 42);
+            m.as_ptr().add(3 * PAGE_4K + 1).write(7);
+            assert_eq!(m.as_ptr().add(PAGE_4K + 1).read(), 7);
+        }
+        Ok(())
     }
 
     #[test]

@@ -1,47 +1,53 @@
-//! A thin io_uring wrapper over the `io-uring` crate.
+//! A thin io_uring wrapper over the `io-uring` crate, and the start-up probe
+//! of every opcode the engine uses.
 //!
 //! # Mechanism
 //!
-//! [`Ring`] owns one `io_uring` instance. [`Ring::push`] queues a submission
-//! entry, submitting first when the submission queue is full;
-//! [`Ring::submit`] / [`Ring::submit_and_wait`] enter the kernel;
-//! [`Ring::completions`] drains the completion queue as
-//! `(user_data, result)` pairs. The engine keys its in-flight operations by
-//! `user_data` (a slab index) and owns every buffer an operation targets
-//! until its completion is seen: the wrapper deliberately hides no buffer
-//! ownership, which is why `push` is `unsafe`.
+//! [`Ring`] owns one `io_uring` instance, set up for one submitting thread
+//! (`SINGLE_ISSUER`) whose task work runs when that thread next enters or
+//! leaves the kernel (`COOP_TASKRUN`), so completions never interrupt it
+//! with an inter-processor interrupt. [`Ring::push`] queues a submission
+//! entry; [`Ring::submit_and_wait`] enters the kernel once per loop turn;
+//! [`Ring::completions`] drains the completion queue. The engine keys
+//! operations by `user_data` and owns every buffer an operation targets until
+//! its completion is seen: the wrapper hides no buffer ownership, which is
+//! why `push` is `unsafe`.
 //!
-//! [`RingFeatures`] probes which opcodes the kernel has
-//! (`IORING_REGISTER_PROBE`) so a missing one becomes
-//! [`RingError::Unsupported`] naming the kernel version.
+//! [`Opcodes::probe`] asks the kernel which opcodes exist
+//! (`IORING_REGISTER_PROBE`) and [`Opcodes::require_engine`] turns a missing
+//! one into [`RingError::Unsupported`] naming it and the kernel version that
+//! brought it. The environment variable `RINGFAULT_HIDE_OPCODES` (a comma
+//! list such as `RECV,READ_MULTISHOT`) makes the probe report those as
+//! missing: a test hook for the error path, documented in `docs/tuning.md`.
 //!
 //! # Kernel versions
 //!
-//! * Linux 5.1: io_uring, `READV`/`WRITEV`, `READ_FIXED`/`WRITE_FIXED`,
-//!   `POLL_ADD`, registered buffers.
-//! * Linux 5.4: `TIMEOUT`. 5.5: `ASYNC_CANCEL`, `LINK_TIMEOUT`.
-//! * Linux 5.6: `READ`/`WRITE`, `SEND`/`RECV`, and the opcode probe (before
-//!   5.6 the probe reports nothing supported).
-//! * Linux 6.0: `SEND_ZC`.
+//! * 5.1: io_uring, `NOP`, `POLL_ADD`. 5.4: `TIMEOUT`. 5.5: `ASYNC_CANCEL`.
+//! * 5.6: `READ`, `SEND`, `RECV`, `SENDMSG`, and the probe itself.
+//! * 5.11: timed waits (`EXT_ARG`). 5.19: provided-buffer rings.
+//! * 6.0: multishot `RECV`, `SINGLE_ISSUER`, `SEND_ZC`. 6.1: `SENDMSG_ZC`.
+//! * 6.7: `READ_MULTISHOT`. 6.12: incrementally consumed buffer rings.
 //!
 //! # Hazards
 //!
 //! * Every buffer, iovec, and fd an entry names must stay valid until its
-//!   completion has been reaped, even if the `Ring` is dropped first
-//!   (dropping the ring cancels, but a cancelled op may still have written).
-//! * Registered buffers pin their pages until unregistered or the ring is
-//!   dropped; a fixed op targets them by index.
-//! * If the completion queue overflows, the kernel (with `FEAT_NODROP`, 5.5)
-//!   keeps the excess and `submit` returns `EBUSY` until completions are
-//!   drained: drain before submitting more.
-//! * `SEND_ZC` produces two completions (result, then a notification with
-//!   `IORING_CQE_F_NOTIF`); on loopback every send reports "copied".
+//!   completion has been reaped, even if the `Ring` is dropped first.
+//! * If the completion queue overflows, the kernel (`FEAT_NODROP`) keeps the
+//!   excess and `submit` may return `EBUSY` until completions are drained:
+//!   the loops here drain every turn.
+//! * Several receives in flight on one stream socket may complete out of
+//!   order; the engine therefore receives with one multishot request per
+//!   socket, into a provided-buffer ring (`sys::recvring`).
 
 use std::io;
+use std::os::fd::{AsRawFd, BorrowedFd};
+use std::sync::Arc;
+use std::time::Duration;
 
-use io_uring::{opcode, squeue, IoUring, Probe};
+use io_uring::{opcode, squeue, types, IoUring, Probe};
 
-use super::mapping::AlignedBuf;
+use super::bufring::{SlotRing, StreamError, StreamRing};
+use super::guest::GuestMemory;
 
 /// Errors from the ring.
 #[derive(Debug, thiserror::Error)]
@@ -77,10 +83,16 @@ pub enum RingError {
         /// The queue's size.
         entries: u32,
     },
-    /// The kernel lacks an opcode.
-    #[error("unsupported: io_uring opcode {opcode} needs {needs}")]
+    /// A stream ring's accounting broke (a kernel or engine bug).
+    #[error("receive ring out of step")]
+    Stream(#[source] StreamError),
+    /// A send named bytes outside its buffer or its guest memory.
+    #[error("a vectored send named a range outside its buffers")]
+    BadPiece,
+    /// The kernel lacks an opcode or feature.
+    #[error("unsupported: io_uring {opcode} needs {needs}")]
     Unsupported {
-        /// The opcode, e.g. "SEND_ZC".
+        /// The opcode or feature, e.g. "READ_MULTISHOT".
         opcode: &'static str,
         /// The kernel version that brought it.
         needs: &'static str,
@@ -98,8 +110,11 @@ pub struct Completion {
     pub flags: u32,
 }
 
+/// `IORING_CQE_F_BUF_MORE`: an incrementally consumed buffer has room left.
+const CQE_F_BUF_MORE: u32 = 1 << 4;
+
 impl Completion {
-    /// `IORING_CQE_F_MORE`: more completions follow for this entry.
+    /// `IORING_CQE_F_MORE`: more completions follow for this (multishot) entry.
     pub fn more(&self) -> bool {
         io_uring::cqueue::more(self.flags)
     }
@@ -107,13 +122,165 @@ impl Completion {
     pub fn notif(&self) -> bool {
         io_uring::cqueue::notif(self.flags)
     }
+    /// The provided buffer the kernel picked, if any.
+    pub fn buffer(&self) -> Option<u16> {
+        io_uring::cqueue::buffer_select(self.flags)
+    }
+    /// `IORING_CQE_F_BUF_MORE`: the (incrementally consumed) buffer is not full.
+    pub fn buffer_more(&self) -> bool {
+        self.flags & CQE_F_BUF_MORE != 0
+    }
+    /// The result as a byte count, or the error.
+    pub fn bytes(&self) -> io::Result<usize> {
+        usize::try_from(self.result).map_err(|_| io::Error::from_raw_os_error(-self.result))
+    }
 }
 
-/// An io_uring instance.
+/// A stream ring added to a [`Ring`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct StreamId(usize);
+
+/// A slot ring added to a [`Ring`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct SlotsId(usize);
+
+/// One part of a vectored send.
+#[derive(Debug, Clone, Copy)]
+pub enum Piece {
+    /// Bytes `start..end` of the send's own buffer.
+    Own {
+        /// First byte.
+        start: usize,
+        /// One past the last byte.
+        end: usize,
+    },
+    /// `len` bytes at `offset` of guest region `region` (by index), straight
+    /// from guest memory.
+    Guest {
+        /// Region index in the [`GuestMemory`].
+        region: usize,
+        /// Byte offset in the region.
+        offset: usize,
+        /// Bytes.
+        len: usize,
+    },
+}
+
+/// A `msghdr` and its iovecs, owned by an in-flight send.
+struct MsgHdr(#[allow(dead_code)] Box<libc::msghdr>);
+
+// SAFETY: the msghdr only points into buffers owned by the same op record
+// (its iovec vector, its byte buffer, and guest memory kept alive by the
+// record's `Arc`), which move with it; it is never shared between threads.
+unsafe impl Send for MsgHdr {}
+
+/// What an in-flight operation owns until its last completion.
+enum OpRecord {
+    Recv {
+        stream: usize,
+        token: u32,
+    },
+    Read {
+        slots: usize,
+        token: u32,
+    },
+    Poll {
+        token: u32,
+    },
+    Send {
+        buf: Vec<u8>,
+        token: u32,
+    },
+    SendV {
+        buf: Vec<u8>,
+        _iovs: Vec<libc::iovec>,
+        _msg: MsgHdr,
+        _keep: Option<Arc<GuestMemory>>,
+        token: u32,
+    },
+    Cancel,
+}
+
+// SAFETY: the iovecs in `SendV` point into the record's own buffer and into
+// guest memory kept alive by `_keep`; moving the record to another thread
+// moves what they point to (heap) along with the owner, and no thread but the
+// ring's owner touches them.
+unsafe impl Send for OpRecord {}
+
+/// What a completion means, for the engine.
+#[derive(Debug)]
+pub enum Event {
+    /// Bytes were appended to a stream ring.
+    Received {
+        /// The engine's token of the receive.
+        token: u32,
+        /// Which stream.
+        stream: StreamId,
+        /// Bytes appended.
+        bytes: usize,
+    },
+    /// A multishot receive ended: `Ok(true)` at end of stream, `Ok(false)`
+    /// when the kernel stopped it (re-arm), `ENOBUFS` when the ring was full
+    /// (re-arm after consuming), another error otherwise.
+    ReceiveEnded {
+        /// The engine's token.
+        token: u32,
+        /// Which stream.
+        stream: StreamId,
+        /// Why.
+        result: io::Result<bool>,
+    },
+    /// A slot was filled.
+    Slot {
+        /// The engine's token.
+        token: u32,
+        /// Which slot ring.
+        slots: SlotsId,
+        /// The slot.
+        bid: u16,
+        /// Bytes in it.
+        len: usize,
+    },
+    /// A multishot read ended.
+    ReadEnded {
+        /// The engine's token.
+        token: u32,
+        /// Which slot ring.
+        slots: SlotsId,
+        /// Why.
+        result: io::Result<()>,
+    },
+    /// A polled descriptor is ready (`Ok(true)`), or the multishot poll ended
+    /// (`Ok(false)`: re-arm) or failed.
+    Polled {
+        /// The engine's token.
+        token: u32,
+        /// Ready, ended, or the error.
+        result: io::Result<bool>,
+    },
+    /// A send completed; its buffer comes back for reuse.
+    Sent {
+        /// The engine's token.
+        token: u32,
+        /// Bytes sent, or the error.
+        result: io::Result<usize>,
+        /// The send's buffer.
+        buf: Vec<u8>,
+    },
+}
+
+/// An io_uring instance for one thread, owning everything its in-flight
+/// operations reference.
 pub struct Ring {
     ring: IoUring,
-    /// Number of buffers registered (fixed-buffer indices are `0..`).
-    registered: usize,
+    entries: u32,
+    streams: Vec<StreamRing>,
+    slot_rings: Vec<SlotRing>,
+    ops: Vec<Option<OpRecord>>,
+    free: Vec<usize>,
+    in_flight: usize,
+    next_group: u16,
+    cqes: Vec<Completion>,
 }
 
 impl std::fmt::Debug for Ring {
@@ -121,240 +288,632 @@ impl std::fmt::Debug for Ring {
         f.debug_struct("Ring")
             .field("sq_entries", &self.ring.params().sq_entries())
             .field("cq_entries", &self.ring.params().cq_entries())
-            .field("registered", &self.registered)
+            .field("in_flight", &self.in_flight)
             .finish()
     }
 }
 
+/// `msg_flags` of every send: all bytes or an error (io_uring retries short
+/// sends on stream sockets), and no `SIGPIPE`.
+const SEND_FLAGS: i32 = libc::MSG_WAITALL | libc::MSG_NOSIGNAL;
+
 impl Ring {
-    /// Creates a ring with `entries` submission entries (rounded up to a power
-    /// of two by the kernel; the completion queue is twice that).
+    /// Creates a ring with `entries` submission entries (a power of two; the
+    /// completion queue is eight times that, so multishot receives rarely
+    /// overflow it), for use by the calling thread only (`SINGLE_ISSUER`:
+    /// create it on the thread that uses it).
     pub fn new(entries: u32) -> Result<Ring, RingError> {
-        let ring = IoUring::new(entries).map_err(|source| RingError::Setup { entries, source })?;
+        let ring = IoUring::builder()
+            .setup_cqsize(entries.saturating_mul(8))
+            .setup_single_issuer()
+            .setup_coop_taskrun()
+            .setup_taskrun_flag()
+            .build(entries)
+            .or_else(|_| IoUring::new(entries))
+            .map_err(|source| RingError::Setup { entries, source })?;
         Ok(Ring {
             ring,
-            registered: 0,
+            entries,
+            streams: Vec::new(),
+            slot_rings: Vec::new(),
+            ops: Vec::new(),
+            free: Vec::new(),
+            in_flight: 0,
+            next_group: 1,
+            cqes: Vec::with_capacity(256),
         })
     }
 
-    /// The ring's file descriptor.
-    pub fn as_raw_fd(&self) -> std::os::fd::RawFd {
-        use std::os::fd::AsRawFd;
-        self.ring.as_raw_fd()
+    /// Operations submitted and not yet finished.
+    pub fn in_flight(&self) -> usize {
+        self.in_flight
     }
 
-    /// Registers `bufs` as fixed buffers `0..bufs.len()` for
-    /// `READ_FIXED`/`WRITE_FIXED` (buf_index = position in `bufs`).
-    ///
-    /// # Safety
-    ///
-    /// Every buffer must stay alive (not dropped or moved out of its mapping;
-    /// an `AlignedBuf` never moves its memory) until
-    /// [`Ring::unregister_buffers`] or the ring is dropped, and while a fixed
-    /// operation targeting a buffer is in flight no Rust slice of that buffer
-    /// may be used.
-    pub unsafe fn register_buffers(&mut self, bufs: &[AlignedBuf]) -> Result<(), RingError> {
-        let iovecs: Vec<libc::iovec> = bufs
-            .iter()
-            .map(|b| libc::iovec {
-                iov_base: b.as_ptr().cast_mut().cast(),
-                iov_len: b.len(),
-            })
-            .collect();
-        // SAFETY: the iovecs describe live mappings; the caller keeps them
-        // alive for as long as they are registered.
-        unsafe { self.ring.submitter().register_buffers(&iovecs) }.map_err(|source| {
-            RingError::Register {
-                what: "buffers",
-                source,
+    fn record(&mut self, op: OpRecord) -> u64 {
+        self.in_flight += 1;
+        match self.free.pop() {
+            Some(i) => {
+                self.ops[i] = Some(op);
+                i as u64
             }
-        })?;
-        self.registered = bufs.len();
-        Ok(())
+            None => {
+                self.ops.push(Some(op));
+                (self.ops.len() - 1) as u64
+            }
+        }
     }
 
-    /// Unregisters the fixed buffers.
-    pub fn unregister_buffers(&mut self) -> Result<(), RingError> {
-        self.ring
-            .submitter()
-            .unregister_buffers()
-            .map_err(|source| RingError::Register {
-                what: "unregister buffers",
-                source,
-            })?;
-        self.registered = 0;
-        Ok(())
+    fn forget_record(&mut self, ud: u64) -> Option<OpRecord> {
+        let i = usize::try_from(ud).ok()?;
+        let op = self.ops.get_mut(i)?.take()?;
+        self.free.push(i);
+        self.in_flight -= 1;
+        Some(op)
     }
 
-    /// Queues `entry`, first submitting queued entries if the submission
-    /// queue is full.
+    /// Queues one entry whose `user_data` is set, submitting first if full.
     ///
     /// # Safety
-    ///
-    /// Every buffer, iovec, fd and fixed-buffer index that `entry` names must
-    /// stay valid, and not be accessed through Rust references in a way that
-    /// conflicts with the operation (e.g. no slice of a read's target), until
-    /// its completion has been reaped from [`Ring::completions`].
-    pub unsafe fn push(&mut self, entry: squeue::Entry) -> Result<(), RingError> {
-        // SAFETY: the caller guarantees the entry's resources outlive it.
+    /// Every buffer, iovec array, `msghdr` and descriptor the entry names must
+    /// stay valid until the entry's last completion has been reaped: here,
+    /// they are owned by the entry's [`OpRecord`] or by a buffer ring in `self`.
+    unsafe fn push(&mut self, entry: squeue::Entry) -> Result<(), RingError> {
+        // SAFETY: forwarded from this function's contract.
         if unsafe { self.ring.submission().push(&entry) }.is_ok() {
             return Ok(());
         }
         self.submit()?;
-        let entries = self.ring.params().sq_entries();
         // SAFETY: as above.
-        let pushed = unsafe { self.ring.submission().push(&entry) };
-        pushed.map_err(|_| RingError::Full { entries })
-    }
-
-    /// Submits queued entries; returns how many the kernel consumed.
-    pub fn submit(&mut self) -> Result<usize, RingError> {
-        self.ring
-            .submit()
-            .map_err(|source| RingError::Submit { source })
-    }
-
-    /// Submits queued entries and waits until at least `want` completions are
-    /// available.
-    pub fn submit_and_wait(&mut self, want: usize) -> Result<usize, RingError> {
-        self.ring
-            .submit_and_wait(want)
-            .map_err(|source| RingError::Submit { source })
-    }
-
-    /// Drains available completions as `(user_data, result)`.
-    pub fn completions(&mut self) -> impl Iterator<Item = (u64, i32)> + '_ {
-        self.ring.completion().map(|c| (c.user_data(), c.result()))
-    }
-
-    /// Drains available completions with their flags (for multishot and
-    /// `SEND_ZC` notifications).
-    pub fn completions_full(&mut self) -> impl Iterator<Item = Completion> + '_ {
-        self.ring.completion().map(|c| Completion {
-            user_data: c.user_data(),
-            result: c.result(),
-            flags: c.flags(),
+        unsafe { self.ring.submission().push(&entry) }.map_err(|_| RingError::Full {
+            entries: self.entries,
         })
     }
 
-    /// The opcodes this kernel supports (all false before Linux 5.6).
-    pub fn probe(&self) -> RingFeatures {
+    /// Adds a stream ring (registered as a new buffer group, every segment posted).
+    pub fn add_stream(&mut self, mut stream: StreamRing) -> Result<StreamId, RingError> {
+        let group = self.next_group;
+        // SAFETY: the descriptor array and the segments belong to `stream`,
+        // which `self` owns from here on and drops only after draining every
+        // operation (see `Drop`).
+        unsafe {
+            self.register_buffer_ring(stream.desc.addr(), stream.desc.entries(), group, true)?;
+        }
+        self.next_group += 1;
+        stream.group = group;
+        stream.post_all();
+        self.streams.push(stream);
+        Ok(StreamId(self.streams.len() - 1))
+    }
+
+    /// Adds a slot ring (a new buffer group, every slot posted).
+    pub fn add_slots(&mut self, mut slots: SlotRing) -> Result<SlotsId, RingError> {
+        let group = self.next_group;
+        // SAFETY: as for `add_stream`.
+        unsafe {
+            self.register_buffer_ring(slots.desc.addr(), slots.desc.entries(), group, false)?;
+        }
+        self.next_group += 1;
+        slots.group = group;
+        slots.post_all();
+        self.slot_rings.push(slots);
+        Ok(SlotsId(self.slot_rings.len() - 1))
+    }
+
+    /// A stream ring.
+    pub fn stream(&self, id: StreamId) -> &StreamRing {
+        &self.streams[id.0]
+    }
+
+    /// A stream ring, mutably (to consume).
+    pub fn stream_mut(&mut self, id: StreamId) -> &mut StreamRing {
+        &mut self.streams[id.0]
+    }
+
+    /// A slot ring.
+    pub fn slots(&self, id: SlotsId) -> &SlotRing {
+        &self.slot_rings[id.0]
+    }
+
+    /// A slot ring, mutably (to recycle).
+    pub fn slots_mut(&mut self, id: SlotsId) -> &mut SlotRing {
+        &mut self.slot_rings[id.0]
+    }
+
+    /// Arms a multishot receive of `fd` into stream ring `stream`.
+    pub fn recv_multishot(
+        &mut self,
+        fd: BorrowedFd<'_>,
+        stream: StreamId,
+        token: u32,
+    ) -> Result<(), RingError> {
+        let group = self.streams[stream.0].group;
+        let ud = self.record(OpRecord::Recv {
+            stream: stream.0,
+            token,
+        });
+        let e = opcode::RecvMulti::new(types::Fd(fd.as_raw_fd()), group)
+            .build()
+            .user_data(ud);
+        // SAFETY: the receive writes only into buffers of group `group`, which
+        // belong to a stream ring owned by `self`; the kernel holds its own
+        // reference to the socket for the life of the request.
+        unsafe { self.push(e) }
+    }
+
+    /// Arms a multishot read of `fd` into slot ring `slots`.
+    pub fn read_multishot(
+        &mut self,
+        fd: BorrowedFd<'_>,
+        slots: SlotsId,
+        token: u32,
+    ) -> Result<(), RingError> {
+        let group = self.slot_rings[slots.0].group;
+        let ud = self.record(OpRecord::Read {
+            slots: slots.0,
+            token,
+        });
+        let e = opcode::ReadMulti::new(types::Fd(fd.as_raw_fd()), 0, group)
+            .build()
+            .user_data(ud);
+        // SAFETY: as for `recv_multishot`, with a slot ring.
+        unsafe { self.push(e) }
+    }
+
+    /// Arms a multishot poll for readability of `fd`.
+    pub fn poll_multishot(&mut self, fd: BorrowedFd<'_>, token: u32) -> Result<(), RingError> {
+        let ud = self.record(OpRecord::Poll { token });
+        let e = opcode::PollAdd::new(types::Fd(fd.as_raw_fd()), libc::POLLIN as u32)
+            .multi(true)
+            .build()
+            .user_data(ud);
+        // SAFETY: a poll references no memory; the kernel holds its own
+        // reference to the file for the life of the request.
+        unsafe { self.push(e) }
+    }
+
+    /// Sends all of `buf`.
+    pub fn send(&mut self, fd: BorrowedFd<'_>, buf: Vec<u8>, token: u32) -> Result<(), RingError> {
+        let (ptr, len) = (buf.as_ptr(), u32::try_from(buf.len()).unwrap_or(u32::MAX));
+        let ud = self.record(OpRecord::Send { buf, token });
+        let e = opcode::Send::new(types::Fd(fd.as_raw_fd()), ptr, len)
+            .flags(SEND_FLAGS)
+            .build()
+            .user_data(ud);
+        // SAFETY: `buf` moved into the op record; its heap block (what `ptr`
+        // points to) does not move and lives until the completion is reaped.
+        unsafe { self.push(e) }
+    }
+
+    /// Sends `pieces` in order with one `sendmsg`: parts of `buf` and ranges of
+    /// `mem` (guest memory, not copied: the record keeps `mem` alive).
+    pub fn send_vectored(
+        &mut self,
+        fd: BorrowedFd<'_>,
+        mem: Option<&Arc<GuestMemory>>,
+        buf: Vec<u8>,
+        pieces: &[Piece],
+        token: u32,
+    ) -> Result<(), RingError> {
+        let mut iovs = Vec::with_capacity(pieces.len());
+        for p in pieces {
+            match *p {
+                Piece::Own { start, end } => {
+                    let bytes = buf.get(start..end).ok_or(RingError::BadPiece)?;
+                    iovs.push(libc::iovec {
+                        iov_base: bytes.as_ptr() as *mut libc::c_void,
+                        iov_len: bytes.len(),
+                    });
+                }
+                Piece::Guest {
+                    region,
+                    offset,
+                    len,
+                } => {
+                    let m = mem.ok_or(RingError::BadPiece)?;
+                    let r = m.region(region).ok_or(RingError::BadPiece)?;
+                    let s = r.slice(offset, len).map_err(|_| RingError::BadPiece)?;
+                    iovs.push(s.iovec());
+                }
+            }
+        }
+        let mut msg: Box<libc::msghdr> = Box::new(
+            // SAFETY: msghdr is plain old data; all-zero is a valid empty header.
+            unsafe { std::mem::zeroed() },
+        );
+        msg.msg_iov = iovs.as_mut_ptr();
+        msg.msg_iovlen = iovs.len();
+        let msg_ptr: *const libc::msghdr = &*msg;
+        let ud = self.record(OpRecord::SendV {
+            buf,
+            _iovs: iovs,
+            _msg: MsgHdr(msg),
+            _keep: mem.cloned(),
+            token,
+        });
+        let e = opcode::SendMsg::new(types::Fd(fd.as_raw_fd()), msg_ptr)
+            .flags(SEND_FLAGS as u32)
+            .build()
+            .user_data(ud);
+        // SAFETY: the msghdr, its iovec array and the byte buffer moved into
+        // the op record (heap blocks, which do not move); the guest ranges were
+        // bounds-checked against `mem`, whose `Arc` the record holds, so they
+        // stay mapped until the completion is reaped.
+        unsafe { self.push(e) }
+    }
+
+    /// Asks the kernel to cancel every operation in flight.
+    pub fn cancel_all(&mut self) -> Result<(), RingError> {
+        if self.in_flight == 0 {
+            return Ok(());
+        }
+        let ud = self.record(OpRecord::Cancel);
+        let e = opcode::AsyncCancel2::new(types::CancelBuilder::any())
+            .build()
+            .user_data(ud);
+        // SAFETY: a cancel request references no memory.
+        unsafe { self.push(e) }?;
+        self.submit().map(drop)
+    }
+
+    /// Submits queued entries without waiting.
+    pub fn submit(&mut self) -> Result<usize, RingError> {
+        self.enter(0, None)
+    }
+
+    /// Submits queued entries and waits until one completion is ready or
+    /// `timeout` passed.
+    pub fn submit_and_wait(&mut self, timeout: Option<Duration>) -> Result<usize, RingError> {
+        self.enter(1, timeout)
+    }
+
+    fn enter(&mut self, want: usize, timeout: Option<Duration>) -> Result<usize, RingError> {
+        loop {
+            let r = match timeout {
+                Some(t) if want > 0 => {
+                    let ts = types::Timespec::from(t);
+                    let args = types::SubmitArgs::new().timespec(&ts);
+                    self.ring.submitter().submit_with_args(want, &args)
+                }
+                _ => self.ring.submitter().submit_and_wait(want),
+            };
+            match r {
+                Ok(n) => return Ok(n),
+                Err(e) if e.raw_os_error() == Some(libc::ETIME) => return Ok(0),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                // Completions must be drained first; the caller's loop does.
+                Err(e) if e.raw_os_error() == Some(libc::EBUSY) => return Ok(0),
+                Err(source) => return Err(RingError::Submit { source }),
+            }
+        }
+    }
+
+    /// Whether completions are ready, without entering the kernel.
+    pub fn has_completions(&mut self) -> bool {
+        let mut cq = self.ring.completion();
+        cq.sync();
+        !cq.is_empty()
+    }
+
+    /// Turns every ready completion into [`Event`]s (stream rings are
+    /// advanced; finished operations release what they owned).
+    pub fn events(&mut self, out: &mut Vec<Event>) -> Result<(), RingError> {
+        let mut cqes = std::mem::take(&mut self.cqes);
+        cqes.clear();
+        {
+            let mut cq = self.ring.completion();
+            cq.sync();
+            for c in cq {
+                cqes.push(Completion {
+                    user_data: c.user_data(),
+                    result: c.result(),
+                    flags: c.flags(),
+                });
+            }
+        }
+        for c in &cqes {
+            self.dispatch(c, out)?;
+        }
+        self.cqes = cqes;
+        Ok(())
+    }
+
+    fn dispatch(&mut self, c: &Completion, out: &mut Vec<Event>) -> Result<(), RingError> {
+        let Some(Some(op)) = usize::try_from(c.user_data)
+            .ok()
+            .and_then(|i| self.ops.get(i))
+        else {
+            return Ok(());
+        };
+        let finished = !c.more();
+        match *op {
+            OpRecord::Recv { stream, token } => {
+                let sid = StreamId(stream);
+                if c.result > 0 {
+                    let n = usize::try_from(c.result).unwrap_or(0);
+                    self.streams[stream]
+                        .on_receive(c.buffer(), n, c.buffer_more())
+                        .map_err(RingError::Stream)?;
+                    out.push(Event::Received {
+                        token,
+                        stream: sid,
+                        bytes: n,
+                    });
+                }
+                if finished || c.result <= 0 {
+                    let result = match c.result {
+                        0 => Ok(true),
+                        r if r > 0 => Ok(false),
+                        r => Err(io::Error::from_raw_os_error(-r)),
+                    };
+                    if finished {
+                        self.forget_record(c.user_data);
+                    }
+                    out.push(Event::ReceiveEnded {
+                        token,
+                        stream: sid,
+                        result,
+                    });
+                }
+            }
+            OpRecord::Read { slots, token } => {
+                let sid = SlotsId(slots);
+                if c.result > 0 {
+                    if let Some(bid) = c.buffer() {
+                        out.push(Event::Slot {
+                            token,
+                            slots: sid,
+                            bid,
+                            len: usize::try_from(c.result).unwrap_or(0),
+                        });
+                    }
+                }
+                if finished {
+                    self.forget_record(c.user_data);
+                    let result = match c.result {
+                        r if r >= 0 => Ok(()),
+                        r => Err(io::Error::from_raw_os_error(-r)),
+                    };
+                    out.push(Event::ReadEnded {
+                        token,
+                        slots: sid,
+                        result,
+                    });
+                }
+            }
+            OpRecord::Poll { token } => {
+                let result = if c.result < 0 {
+                    Err(io::Error::from_raw_os_error(-c.result))
+                } else {
+                    Ok(!finished)
+                };
+                if finished {
+                    self.forget_record(c.user_data);
+                }
+                out.push(Event::Polled { token, result });
+            }
+            OpRecord::Send { .. } | OpRecord::SendV { .. } | OpRecord::Cancel => {
+                if !finished {
+                    return Ok(());
+                }
+                match self.forget_record(c.user_data) {
+                    Some(OpRecord::Send { buf, token }) | Some(OpRecord::SendV { buf, token, .. }) => {
+                        out.push(Event::Sent {
+                            token,
+                            result: c.bytes(),
+                            buf,
+                        });
+                    }
+                    _ => {}
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Registers a provided-buffer ring.
+    ///
+    /// # Safety
+    /// `addr` must point to `entries` page-aligned `io_uring_buf` descriptors
+    /// that stay mapped until the ring is dropped, and every buffer they name
+    /// must stay valid and unused by anyone but the kernel while posted.
+    unsafe fn register_buffer_ring(
+        &mut self,
+        addr: u64,
+        entries: u16,
+        group: u16,
+        incremental: bool,
+    ) -> Result<(), RingError> {
+        const IOU_PBUF_RING_INC: u16 = 2;
+        let flags = if incremental { IOU_PBUF_RING_INC } else { 0 };
+        // SAFETY: forwarded from this function's contract.
+        unsafe {
+            self.ring
+                .submitter()
+                .register_buf_ring_with_flags(addr, entries, group, flags)
+        }
+        .map_err(|source| match source.raw_os_error() {
+            Some(libc::EINVAL) if incremental => RingError::Unsupported {
+                opcode: "incrementally consumed buffer rings (IOU_PBUF_RING_INC)",
+                needs: "Linux 6.12",
+            },
+            _ => RingError::Register {
+                what: "PBUF_RING",
+                source,
+            },
+        })
+    }
+
+    /// The kernel's opcode probe for this ring.
+    pub fn opcodes(&self) -> Opcodes {
         let mut probe = Probe::new();
         if self.ring.submitter().register_probe(&mut probe).is_err() {
-            return RingFeatures::default();
+            return Opcodes::default();
         }
-        RingFeatures::from_probe(&probe)
+        Opcodes::from_probe(&probe)
     }
 }
 
-/// Opcodes the kernel supports.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-#[allow(clippy::struct_excessive_bools)] // one flag per opcode is the point
-pub struct RingFeatures {
-    /// `IORING_OP_NOP` (5.1).
-    pub nop: bool,
-    /// `IORING_OP_READ_FIXED` (5.1).
-    pub read_fixed: bool,
-    /// `IORING_OP_WRITE_FIXED` (5.1).
-    pub write_fixed: bool,
-    /// `IORING_OP_POLL_ADD` (5.1).
-    pub poll_add: bool,
-    /// `IORING_OP_TIMEOUT` (5.4).
-    pub timeout: bool,
-    /// `IORING_OP_ASYNC_CANCEL` (5.5).
-    pub async_cancel: bool,
-    /// `IORING_OP_LINK_TIMEOUT` (5.5).
-    pub link_timeout: bool,
-    /// `IORING_OP_READ` (5.6).
-    pub read: bool,
-    /// `IORING_OP_WRITE` (5.6).
-    pub write: bool,
-    /// `IORING_OP_SEND` (5.6).
-    pub send: bool,
-    /// `IORING_OP_RECV` (5.6).
-    pub recv: bool,
-    /// `IORING_OP_SEND_ZC` (6.0).
-    pub send_zc: bool,
-    /// `IORING_OP_SENDMSG_ZC` (6.1).
-    pub sendmsg_zc: bool,
+impl Drop for Ring {
+    fn drop(&mut self) {
+        // Nothing the kernel may still write may be freed: cancel, then reap
+        // until every operation finished (bounded; on timeout the buffers are
+        // leaked rather than freed under the kernel).
+        if self.in_flight == 0 {
+            return;
+        }
+        let _ = self.cancel_all();
+        let deadline = std::time::Instant::now() + Duration::from_secs(2);
+        let mut sink = Vec::new();
+        while self.in_flight > 0 && std::time::Instant::now() < deadline {
+            if self.enter(1, Some(Duration::from_millis(50))).is_err() {
+                break;
+            }
+            sink.clear();
+            if self.events(&mut sink).is_err() {
+                break;
+            }
+        }
+        if self.in_flight > 0 {
+            tracing::error!(
+                "{} io_uring operations did not finish; leaking their buffers",
+                self.in_flight
+            );
+            std::mem::forget(std::mem::take(&mut self.streams));
+            std::mem::forget(std::mem::take(&mut self.slot_rings));
+            std::mem::forget(std::mem::take(&mut self.ops));
+        }
+    }
 }
 
-/// An opcode the engine may require, for [`RingFeatures::require`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// An opcode the engine uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Op {
-    /// `NOP`.
+    /// `NOP` (5.1).
     Nop,
-    /// `READ_FIXED`.
-    ReadFixed,
-    /// `WRITE_FIXED`.
-    WriteFixed,
-    /// `POLL_ADD`.
+    /// `POLL_ADD` (5.1).
     PollAdd,
-    /// `TIMEOUT`.
+    /// `TIMEOUT` (5.4).
     Timeout,
-    /// `ASYNC_CANCEL`.
+    /// `ASYNC_CANCEL` (5.5).
     AsyncCancel,
-    /// `LINK_TIMEOUT`.
-    LinkTimeout,
-    /// `READ`.
+    /// `READ` (5.6).
     Read,
-    /// `WRITE`.
-    Write,
-    /// `SEND`.
+    /// `SENDMSG` (5.3).
+    SendMsg,
+    /// `SEND` (5.6).
     Send,
-    /// `RECV`.
+    /// `RECV` (5.6; multishot 6.0).
     Recv,
-    /// `SEND_ZC`.
-    SendZc,
-    /// `SENDMSG_ZC`.
+    /// `SENDMSG_ZC` (6.1).
     SendMsgZc,
+    /// `READ_MULTISHOT` (6.7).
+    ReadMultishot,
 }
 
-impl RingFeatures {
-    fn from_probe(p: &Probe) -> RingFeatures {
-        RingFeatures {
-            nop: p.is_supported(opcode::Nop::CODE),
-            read_fixed: p.is_supported(opcode::ReadFixed::CODE),
-            write_fixed: p.is_supported(opcode::WriteFixed::CODE),
-            poll_add: p.is_supported(opcode::PollAdd::CODE),
-            timeout: p.is_supported(opcode::Timeout::CODE),
-            async_cancel: p.is_supported(opcode::AsyncCancel::CODE),
-            link_timeout: p.is_supported(opcode::LinkTimeout::CODE),
-            read: p.is_supported(opcode::Read::CODE),
-            write: p.is_supported(opcode::Write::CODE),
-            send: p.is_supported(opcode::Send::CODE),
-            recv: p.is_supported(opcode::Recv::CODE),
-            send_zc: p.is_supported(opcode::SendZc::CODE),
-            sendmsg_zc: p.is_supported(opcode::SendMsgZc::CODE),
+impl Op {
+    /// Every opcode, with its name and the kernel version that brought it.
+    pub const ALL: [(Op, &'static str, &'static str); 10] = [
+        (Op::Nop, "NOP", "Linux 5.1"),
+        (Op::PollAdd, "POLL_ADD", "Linux 5.1"),
+        (Op::Timeout, "TIMEOUT", "Linux 5.4"),
+        (Op::AsyncCancel, "ASYNC_CANCEL", "Linux 5.5"),
+        (Op::Read, "READ", "Linux 5.6"),
+        (Op::SendMsg, "SENDMSG", "Linux 5.3"),
+        (Op::Send, "SEND", "Linux 5.6"),
+        (Op::Recv, "RECV", "Linux 5.6 (multishot: 6.0)"),
+        (Op::SendMsgZc, "SENDMSG_ZC", "Linux 6.1"),
+        (Op::ReadMultishot, "READ_MULTISHOT", "Linux 6.7"),
+    ];
+
+    /// The opcodes every destination and source ring needs.
+    pub const ENGINE: [Op; 6] = [
+        Op::Nop,
+        Op::Read,
+        Op::SendMsg,
+        Op::Send,
+        Op::Recv,
+        Op::ReadMultishot,
+    ];
+
+    fn code(self) -> u8 {
+        match self {
+            Op::Nop => opcode::Nop::CODE,
+            Op::PollAdd => opcode::PollAdd::CODE,
+            Op::Timeout => opcode::Timeout::CODE,
+            Op::AsyncCancel => opcode::AsyncCancel::CODE,
+            Op::Read => opcode::Read::CODE,
+            Op::SendMsg => opcode::SendMsg::CODE,
+            Op::Send => opcode::Send::CODE,
+            Op::Recv => opcode::Recv::CODE,
+            Op::SendMsgZc => opcode::SendMsgZc::CODE,
+            Op::ReadMultishot => opcode::ReadMulti::CODE,
+        }
+    }
+
+    /// The opcode's name.
+    pub fn name(self) -> &'static str {
+        Op::ALL
+            .iter()
+            .find(|(o, _, _)| *o == self)
+            .map_or("?", |&(_, n, _)| n)
+    }
+
+    fn needs(self) -> &'static str {
+        Op::ALL
+            .iter()
+            .find(|(o, _, _)| *o == self)
+            .map_or("?", |&(_, _, v)| v)
+    }
+}
+
+/// The opcodes this kernel supports.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Opcodes {
+    supported: Vec<Op>,
+}
+
+/// The test hook: opcodes to report as missing.
+pub const HIDE_OPCODES_ENV: &str = "RINGFAULT_HIDE_OPCODES";
+
+impl Opcodes {
+    fn from_probe(p: &Probe) -> Opcodes {
+        let hidden = std::env::var(HIDE_OPCODES_ENV).unwrap_or_default();
+        let hidden: Vec<&str> = hidden.split(',').map(str::trim).collect();
+        Opcodes {
+            supported: Op::ALL
+                .iter()
+                .filter(|(op, name, _)| p.is_supported(op.code()) && !hidden.contains(name))
+                .map(|&(op, _, _)| op)
+                .collect(),
         }
     }
 
     /// Probes with a throwaway ring.
-    pub fn detect() -> Result<RingFeatures, RingError> {
-        Ok(Ring::new(2)?.probe())
+    pub fn probe() -> Result<Opcodes, RingError> {
+        Ok(Ring::new(2)?.opcodes())
     }
 
-    /// Typed error unless `op` is supported.
-    pub fn require(&self, op: Op) -> Result<(), RingError> {
-        let (have, opcode, needs) = match op {
-            Op::Nop => (self.nop, "NOP", "Linux 5.1"),
-            Op::ReadFixed => (self.read_fixed, "READ_FIXED", "Linux 5.1"),
-            Op::WriteFixed => (self.write_fixed, "WRITE_FIXED", "Linux 5.1"),
-            Op::PollAdd => (self.poll_add, "POLL_ADD", "Linux 5.1"),
-            Op::Timeout => (self.timeout, "TIMEOUT", "Linux 5.4"),
-            Op::AsyncCancel => (self.async_cancel, "ASYNC_CANCEL", "Linux 5.5"),
-            Op::LinkTimeout => (self.link_timeout, "LINK_TIMEOUT", "Linux 5.5"),
-            Op::Read => (self.read, "READ", "Linux 5.6"),
-            Op::Write => (self.write, "WRITE", "Linux 5.6"),
-            Op::Send => (self.send, "SEND", "Linux 5.6"),
-            Op::Recv => (self.recv, "RECV", "Linux 5.6"),
-            Op::SendZc => (self.send_zc, "SEND_ZC", "Linux 6.0"),
-            Op::SendMsgZc => (self.sendmsg_zc, "SENDMSG_ZC", "Linux 6.1"),
-        };
-        if have {
-            Ok(())
-        } else {
-            Err(RingError::Unsupported { opcode, needs })
+    /// Whether `op` is supported.
+    pub fn has(&self, op: Op) -> bool {
+        self.supported.contains(&op)
+    }
+
+    /// Typed error naming the first of `ops` that is missing.
+    pub fn require(&self, ops: &[Op]) -> Result<(), RingError> {
+        match ops.iter().find(|op| !self.has(**op)) {
+            None => Ok(()),
+            Some(op) => Err(RingError::Unsupported {
+                opcode: op.name(),
+                needs: op.needs(),
+            }),
         }
+    }
+
+    /// Probes and checks every opcode the engine's rings use
+    /// ([`Op::ENGINE`]).
+    pub fn require_engine() -> Result<Opcodes, RingError> {
+        let o = Opcodes::probe()?;
+        o.require(&Op::ENGINE)?;
+        Ok(o)
     }
 }

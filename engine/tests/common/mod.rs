@@ -13,9 +13,9 @@ use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use ringfault_engine::sys::guest::GuestArea;
-use ringfault_engine::sys::mapping::{GuestMapping, MapOptions};
-use ringfault_engine::{PeerAddr, Source, SourceConfig, SourceRegion};
+use ringfault_engine::sys::guest::{GuestMemory, RegionSpec};
+use ringfault_engine::sys::mapping::MapOptions;
+use ringfault_engine::{PeerAddr, Source, SourceConfig};
 use ringfault_proto::auth::PresharedKey;
 
 pub const PAGE: usize = 4096;
@@ -114,24 +114,30 @@ pub fn mix(mut x: u64) -> u64 {
     x ^ (x >> 33)
 }
 
-/// Builds the source's memory.
-pub fn build_source_memory(spec: &VmSpec) -> Vec<Arc<GuestMapping>> {
-    let mut page = vec![0u8; PAGE];
-    spec.region_sizes
+/// Builds the source's memory: region ids 1.. in order.
+pub fn build_source_memory(spec: &VmSpec) -> Arc<GuestMemory> {
+    let specs: Vec<RegionSpec> = spec
+        .region_sizes
         .iter()
         .enumerate()
-        .map(|(ri, &size)| {
-            let m = GuestMapping::anonymous(size, PAGE, MapOptions::default()).unwrap();
-            for p in 0..(size / PAGE) as u64 {
-                if spec.class(ri, p) == PageClass::Unpopulated {
-                    continue;
-                }
-                spec.fill(ri, p, &mut page);
-                m.write_from(p as usize * PAGE, &page).unwrap();
-            }
-            Arc::new(m)
+        .map(|(i, &size)| RegionSpec {
+            id: i as u32 + 1,
+            size,
+            page_size: PAGE,
         })
-        .collect()
+        .collect();
+    let mem = GuestMemory::anonymous(&specs, MapOptions::default()).unwrap();
+    let mut page = vec![0u8; PAGE];
+    for (ri, r) in mem.regions().iter().enumerate() {
+        for p in 0..r.pages() {
+            if spec.class(ri, p) == PageClass::Unpopulated {
+                continue;
+            }
+            spec.fill(ri, p, &mut page);
+            r.write(p as usize * PAGE, &page).unwrap();
+        }
+    }
+    Arc::new(mem)
 }
 
 pub const KEY_A: &[u8] = b"ringfault-test-key-A-0123456789";
@@ -145,27 +151,19 @@ pub fn source_child_main() {
     };
     let spec = VmSpec::decode(&spec);
     let key = std::env::var("RF_SOURCE_KEY").unwrap();
-    let maps = build_source_memory(&spec);
-    let regions = maps
-        .into_iter()
-        .enumerate()
-        .map(|(i, m)| SourceRegion::from_mapping(i as u32 + 1, m).unwrap())
-        .collect();
+    let mem = build_source_memory(&spec);
     let key = PresharedKey::new(key.into_bytes()).unwrap();
     let mut cfg = SourceConfig::new(key);
-    if let Some(us) = env_u64("RF_SRC_SPIN_US") {
-        cfg.spin = std::time::Duration::from_micros(us);
-    }
     if let Some(p) = env_u64("RF_PIN") {
         cfg.pin_workers = p != 0;
     }
     if let Some(p) = env_u64("RF_PRIO") {
         cfg.prioritize_demand = p != 0;
     }
-    if std::env::var("RF_SEND").as_deref() == Ok("zerocopy") {
-        cfg.send = ringfault_engine::source::SendMode::ZeroCopy;
+    if std::env::var("RF_PROTECTION").as_deref() == Ok("none") {
+        cfg.protection = ringfault_engine::Protection::None;
     }
-    let source = Source::new(regions, cfg).unwrap();
+    let source = Source::from_memory(mem, cfg).unwrap();
     let listen_on = std::env::var("RF_SOURCE_LISTEN").unwrap_or_else(|_| "tcp:127.0.0.1:0".into());
     let listener = PeerAddr::parse(&listen_on).unwrap().listen().unwrap();
     println!("READY {}", listener.local_addr().unwrap());
@@ -192,6 +190,17 @@ pub struct SourceChild {
     pub child: Child,
     pub addr: PeerAddr,
     out: BufReader<std::process::ChildStdout>,
+    finished: bool,
+}
+
+impl Drop for SourceChild {
+    fn drop(&mut self) {
+        // A failed test must not leave a source waiting for a resume.
+        if !self.finished {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
 }
 
 impl SourceChild {
@@ -214,7 +223,7 @@ impl SourceChild {
         let mut child = Command::new(std::env::current_exe().unwrap())
             .args(["--exact", test_name, "--nocapture", "--test-threads=1"])
             .env("RF_SOURCE_LISTEN", listen)
-            .env("RF_SEND", if zero_copy { "zerocopy" } else { "writev" })
+            .env("RF_PROTECTION", if zero_copy { "none" } else { "mac" })
             .env("RF_SOURCE_SPEC", spec.encode())
             .env("RF_SOURCE_KEY", std::str::from_utf8(key).unwrap())
             .stdout(Stdio::piped())
@@ -231,13 +240,19 @@ impl SourceChild {
             // libtest may print "test source_child ... " before our line.
             if let Some(i) = line.find("READY ") {
                 let addr = PeerAddr::parse(line[i + 6..].trim()).unwrap();
-                return SourceChild { child, addr, out };
+                return SourceChild {
+                    child,
+                    addr,
+                    out,
+                    finished: false,
+                };
             }
         }
     }
 
     /// Waits for the child; returns (exit success, its result line).
     pub fn finish(mut self) -> (bool, String) {
+        self.finished = true;
         let mut rest = String::new();
         let mut line = String::new();
         while self.out.read_line(&mut line).unwrap_or(0) > 0 {
@@ -267,32 +282,33 @@ pub struct WorkloadResult {
 }
 
 impl Workload {
-    pub fn start(spec: &VmSpec, areas: Vec<GuestArea>, threads: usize) -> Workload {
+    pub fn start(spec: &VmSpec, mem: Arc<GuestMemory>, threads: usize) -> Workload {
         let stop = Arc::new(AtomicBool::new(false));
         let ops = Arc::new(AtomicU64::new(0));
         let handles = (0..threads)
             .map(|t| {
-                let (stop, ops, spec, areas) = (stop.clone(), ops.clone(), spec.clone(), areas.clone());
+                let (stop, ops, spec, mem) = (stop.clone(), ops.clone(), spec.clone(), mem.clone());
                 std::thread::spawn(move || {
                     let mut res = WorkloadResult::default();
                     let mut x = mix(spec.seed ^ (t as u64 + 99));
                     let mut page = vec![0u8; PAGE];
                     let mut n = 0u64;
+                    let areas = mem.regions();
                     while !stop.load(Ordering::Relaxed) {
                         x = mix(x);
                         let ri = (x % areas.len() as u64) as usize;
-                        let pages = (areas[ri].len() / PAGE) as u64;
+                        let pages = areas[ri].pages();
                         let pg = (x >> 8) % pages;
                         let base = pg as usize * PAGE;
                         if x >> 60 < 8 {
                             n += 1;
                             let v = ((t as u64) << 56) | n;
-                            areas[ri].write_u64(base + t * 8, v).unwrap();
+                            areas[ri].store_u64(base + t * 8, v).unwrap();
                             res.writes.insert((ri, pg), v);
                         } else {
                             // Read a word no workload thread writes (offsets >= 64).
                             let off = 64 + ((x >> 20) as usize % ((PAGE - 64) / 8)) * 8;
-                            let got = areas[ri].read_u64(base + off).unwrap();
+                            let got = areas[ri].load_u64(base + off).unwrap();
                             spec.fill(ri, pg, &mut page);
                             let want = u64::from_le_bytes(page[off..off + 8].try_into().unwrap());
                             if got != want && res.bad_reads.len() < 10 {
@@ -321,12 +337,12 @@ impl Workload {
 
 /// Compares every page of the destination with the source's bytes, overlaid with
 /// the workload's writes. Returns the first few differences.
-pub fn verify(spec: &VmSpec, areas: &[GuestArea], writes: &[WorkloadResult]) -> Vec<String> {
+pub fn verify(spec: &VmSpec, mem: &GuestMemory, writes: &[WorkloadResult]) -> Vec<String> {
     let mut bad = Vec::new();
     let mut want = vec![0u8; PAGE];
     let mut got = vec![0u8; PAGE];
-    for (ri, a) in areas.iter().enumerate() {
-        for pg in 0..(a.len() / PAGE) as u64 {
+    for (ri, a) in mem.regions().iter().enumerate() {
+        for pg in 0..a.pages() {
             spec.fill(ri, pg, &mut want);
             for (t, w) in writes.iter().enumerate() {
                 if let Some(v) = w.writes.get(&(ri, pg)) {

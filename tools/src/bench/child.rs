@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use ringfault_engine::stats::{cdf_points, LatencySummary};
 use ringfault_engine::sys::mapping::AlignedBuf;
-use ringfault_engine::{Destination, PeerAddr, Source, SourceRegion};
+use ringfault_engine::{Destination, PeerAddr, Source};
 use ringfault_proto::auth::PresharedKey;
 use serde::{Deserialize, Serialize};
 
@@ -133,6 +133,8 @@ pub enum Event {
         /// `tcp:...` or `unix:...` (source only).
         addr: Option<String>,
     },
+    /// The source's warm-up is over: the destination may connect.
+    WarmedUp,
     /// The source stopped its workload: switch-over begins.
     Switch {
         /// Wall clock, ns.
@@ -316,31 +318,43 @@ pub fn params(spec: &Spec, destination: bool) -> Params {
     }
 }
 
-/// The source's workload phase: runs the vCPUs for the warm-up, stops them, and
-/// announces the switch-over.
-pub fn source_phase(spec: &Spec, mem: Arc<dyn super::vm::GuestMem>) -> anyhow::Result<()> {
+/// The source's workload for the warm-up: started on `go`; `WarmedUp` is
+/// announced after the warm-up, while it still runs.
+pub fn warm_up(spec: &Spec, mem: Arc<dyn super::vm::GuestMem>) -> anyhow::Result<Workload> {
     super::workload::prepare(&params(spec, false));
     let c = command()?;
     anyhow::ensure!(c == "go", "expected `go`, got {c:?}");
     let wl = Workload::start(params(spec, false), mem, None)?;
     std::thread::sleep(Duration::from_millis(spec.warmup_ms));
+    emit(&Event::WarmedUp);
+    Ok(wl)
+}
+
+/// The switch-over on the source: stops the vCPUs and announces it.
+pub fn switch_over(spec: &Spec, wl: Workload) {
     let mut r = wl.stop();
     let t_ns = cpu::wall_ns();
     // The sampler's last step began at the stop: it is not part of the warm-up.
-    let full = usize::try_from(spec.warmup_ms / 100).unwrap_or(usize::MAX);
+    let full = usize::try_from(r.ops_steps.len().saturating_sub(1)).unwrap_or(0);
+    let _ = spec;
     r.ops_steps.truncate(full.max(1));
     emit(&Event::Switch {
         t_ns,
         ops_steps: r.ops_steps,
     });
+}
+
+/// The classic design's workload phase: warm-up, then the switch-over at once
+/// (it has no handshake to wait for).
+pub fn source_phase(spec: &Spec, mem: Arc<dyn super::vm::GuestMem>) -> anyhow::Result<()> {
+    let wl = warm_up(spec, mem)?;
+    switch_over(spec, wl);
     Ok(())
 }
 
 fn ringfault_source(spec: &Spec) -> anyhow::Result<()> {
     let m = spec.vm.build(2).context("building the source's memory")?;
-    let region = SourceRegion::from_mapping(1, m)?;
-    let area = region.area();
-    let source = Source::new(vec![region], spec.engine.source_config(key(spec)?))?;
+    let source = Source::from_memory(m.clone(), spec.engine.source_config(key(spec)?)?)?;
     let addr = PeerAddr::parse(&spec.listen)?;
     let listener = addr
         .listen()
@@ -348,16 +362,29 @@ fn ringfault_source(spec: &Spec) -> anyhow::Result<()> {
     emit(&Event::Ready {
         addr: Some(listener.local_addr()?.to_string()),
     });
-    source_phase(spec, Arc::new(area))?;
-    let cpu0 = cpu::process_ns();
-    let report = source.serve(&listener).context("serving")?;
+    let wl = warm_up(spec, m.clone())?;
+    let mut cpu0 = 0u64;
+    let report = source
+        .serve_with(&listener, || {
+            switch_over(spec, wl);
+            cpu0 = cpu::process_ns();
+        })
+        .context("serving")?;
     let cpu_ns = cpu::process_ns() - cpu0;
     await_verify()?;
     let t = Instant::now();
-    let scan_ms = ringfault_engine::source::PopulatedMap::scan(area, 4096)
+    let r = &m.regions()[0];
+    let scan_ms = ringfault_engine::sys::pagemap::Scanner::new()
+        .and_then(|mut sc| {
+            sc.scan(
+                r.addr(),
+                r.addr() + r.len(),
+                ringfault_engine::sys::pagemap::Query::Populated,
+            )
+        })
         .ok()
         .map(|_| t.elapsed().as_secs_f64() * 1e3);
-    let digests = digests_parallel(&area, spec.vm.pages(), &|_, _| {});
+    let digests = digests_parallel(&*m, spec.vm.pages(), &|_, _| {});
     emit(&Event::SourceDone {
         counts: Counts {
             faults: report.demand_requests,
@@ -435,18 +462,16 @@ fn ringfault_destination(spec: &Spec) -> anyhow::Result<()> {
     let addr = await_switch()?;
     let t_switch_rx_ns = cpu::wall_ns();
     let cpu0 = cpu::process_ns();
-    let dest = Destination::connect(&addr, spec.engine.config(key(spec)?))
+    let dest = Destination::connect(&addr, spec.engine.config(key(spec)?)?)
         .with_context(|| format!("connecting to the source at {addr}"))?;
     let t_connected_ns = cpu::wall_ns();
-    let area = *dest
-        .regions()
-        .first()
-        .ok_or_else(|| anyhow::anyhow!("the source has no memory"))?;
-    let keep = dest.mappings();
+    let mem = dest
+        .memory()
+        .ok_or_else(|| anyhow::anyhow!("the destination holds no memory"))?;
     let progress = dest.progress();
     let p = progress.clone();
     let presence: Presence = Arc::new(move |page| p.is_present(page));
-    let workload = Workload::start(params(spec, true), Arc::new(area), Some(presence))?;
+    let workload = Workload::start(params(spec, true), mem.clone(), Some(presence))?;
     let t_resume_ns = cpu::wall_ns();
     emit(&Event::Resumed { t_ns: t_resume_ns });
     let done = Arc::new(AtomicBool::new(false));
@@ -454,7 +479,7 @@ fn ringfault_destination(spec: &Spec) -> anyhow::Result<()> {
     let printer = progress_printer(done.clone(), move || (p.present(), p.total()));
     let report = dest.run().context("post-copy migration")?;
     let fin = Finish { workload, cpu0 };
-    let (t_all, cpu_ns, w, digests) = fin.complete(spec, &area);
+    let (t_all, cpu_ns, w, digests) = fin.complete(spec, &*mem);
     done.store(true, Ordering::Relaxed);
     if let Some(h) = printer {
         let _ = h.join();
@@ -495,7 +520,7 @@ fn ringfault_destination(spec: &Spec) -> anyhow::Result<()> {
         cpu_ns,
         digests,
     })));
-    drop(keep);
+    drop(mem);
     Ok(())
 }
 

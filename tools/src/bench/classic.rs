@@ -24,8 +24,9 @@ use std::time::Duration;
 use anyhow::Context;
 use ringfault_engine::bitmap::AtomicBitmap;
 use ringfault_engine::stats::{cdf_points, LatencySummary, Timeline};
-use ringfault_engine::sys::install::{copy_from, zero};
-use ringfault_engine::sys::mapping::{AlignedBuf, GuestMapping, MapOptions};
+use ringfault_engine::sys::guest::{GuestMemory, RegionSpec};
+use ringfault_engine::sys::install::{copy as copy_from, zero};
+use ringfault_engine::sys::mapping::{AlignedBuf, MapOptions};
 use ringfault_engine::sys::uffd::{
     Event as UffdEvent, Features, Installed, RegisterMode, Uffd, UffdMsg, UffdOptions,
 };
@@ -92,12 +93,12 @@ pub fn source(spec: &Spec) -> anyhow::Result<()> {
     let mut send = |page: u64, demand: bool, c: &mut Counts| -> anyhow::Result<()> {
         let off = page_offset(page)?;
         let flag = if demand { DEMAND } else { 0 };
-        if m.is_zero(off, PAGE)? {
+        if m.regions()[0].is_zero(off, PAGE)? {
             out.write_all(&pair(page, KIND_ZERO | flag))?;
             c.zero_pages += 1;
             c.wire_bytes += 16;
         } else {
-            m.read_page_into(off, &mut buf)?;
+            m.regions()[0].read(off, &mut buf)?;
             out.write_all(&pair(page, KIND_DATA | flag))?;
             out.write_all(&buf)?;
             c.wire_bytes += 16 + PAGE as u64;
@@ -155,7 +156,14 @@ pub fn source(spec: &Spec) -> anyhow::Result<()> {
 pub fn destination(spec: &Spec) -> anyhow::Result<()> {
     let len = usize::try_from(spec.vm.size)?;
     let pages = spec.vm.pages();
-    let m = Arc::new(GuestMapping::anonymous(len, PAGE, MapOptions::default())?);
+    let m = Arc::new(GuestMemory::anonymous(
+        &[RegionSpec {
+            id: 1,
+            size: len,
+            page_size: PAGE,
+        }],
+        MapOptions::default(),
+    )?);
     super::workload::prepare(&params(spec, true));
     emit(&Event::Ready { addr: None });
     let addr = await_switch()?;
@@ -170,7 +178,7 @@ pub fn destination(spec: &Spec) -> anyhow::Result<()> {
         user_mode_only: false,
     })?);
     uffd.api(Features::NONE)?;
-    uffd.register(m.addr(), m.len(), RegisterMode::Missing)?;
+    uffd.register(m.regions()[0].addr(), m.regions()[0].len(), RegisterMode::Missing)?;
     let present = Arc::new(AtomicBitmap::new(pages));
     let p = present.clone();
     let presence: Presence = Arc::new(move |page| p.is_set(page));
@@ -188,7 +196,7 @@ pub fn destination(spec: &Spec) -> anyhow::Result<()> {
             writer.clone(),
             done.clone(),
             faults.clone(),
-            m.addr(),
+            m.regions()[0].addr(),
         );
         std::thread::Builder::new()
             .name("classic-faults".into())
@@ -223,7 +231,7 @@ pub fn destination(spec: &Spec) -> anyhow::Result<()> {
     let mut rx = BufReader::with_capacity(64 << 10, stream);
     let mut buf = AlignedBuf::new(PAGE)?;
     let mut hdr = [0u8; 16];
-    let base = m.addr();
+    let base = m.regions()[0].addr();
     let result = (|| -> anyhow::Result<()> {
         while !present.all_set() {
             rx.read_exact(&mut hdr).context("reading a page header")?;

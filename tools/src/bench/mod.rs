@@ -66,9 +66,6 @@ pub struct Args {
     threads: usize,
     #[command(flatten)]
     dest: crate::receive::DestOptions,
-    /// How the source sends page data.
-    #[arg(long, value_enum, default_value = "writev")]
-    send: crate::receive::Send,
     /// How long the workload runs on the source before switch-over.
     #[arg(long, default_value = "2s", value_parser = parse_duration)]
     warmup: Duration,
@@ -460,10 +457,7 @@ fn base_spec(a: &Args, key_hex: &str, listen: &str) -> Spec {
         },
         pattern: a.pattern,
         threads: a.threads,
-        engine: crate::receive::DestOptions {
-            send: a.send,
-            ..a.dest.clone()
-        },
+        engine: a.dest.clone(),
         listen: listen.to_owned(),
         warmup_ms: u64::try_from(a.warmup.as_millis()).unwrap_or(u64::MAX),
         tail_ms: u64::try_from(a.tail.as_millis()).unwrap_or(u64::MAX),
@@ -548,14 +542,17 @@ fn run_design(ctx: &Ctx, spec: &Spec, design: Design) -> anyhow::Result<RunResul
     ctx.pb
         .set_message(format!("{label}: workload on the source"));
     src.send("go")?;
-    let (t_switch_ns, source_ops) = ctx.wait(&mut src, Some(&mut dst), |ev| match ev {
-        Event::Switch { t_ns, ops_steps } => Some((t_ns, ops_steps)),
-        _ => None,
+    ctx.wait(&mut src, Some(&mut dst), |ev| {
+        matches!(ev, Event::WarmedUp).then_some(())
     })?;
     if let Some(p) = perf.as_mut() {
         p.command("enable")?;
     }
     dst.send(&format!("switch {addr}"))?;
+    let (t_switch_ns, source_ops) = ctx.wait(&mut src, Some(&mut dst), |ev| match ev {
+        Event::Switch { t_ns, ops_steps } => Some((t_ns, ops_steps)),
+        _ => None,
+    })?;
     ctx.pb.set_message(format!("{label}: post-copy"));
     ctx.wait(&mut dst, Some(&mut src), |ev| {
         matches!(ev, Event::AllPresent).then_some(())

@@ -115,6 +115,9 @@ pub struct RunResult {
     pub peak_gbps: f64,
     /// Workload ops/s.
     pub ops: Ops,
+    /// Workload-seconds lost: the post-copy phase's missing operations in
+    /// seconds of the pre-switch-over rate, `total × (1 − during ÷ before)`.
+    pub workload_lost_s: f64,
     /// CPU.
     pub cpu: Cpu,
     /// Pages.
@@ -264,6 +267,11 @@ impl RunResult {
                 after,
                 worst_100ms: worst,
             },
+            workload_lost_s: if before > 0.0 {
+                (all_ms / 1e3) * (1.0 - (during / before).clamp(0.0, 1.0))
+            } else {
+                0.0
+            },
             cpu: Cpu {
                 source_s: src_s,
                 destination_s: dst_s,
@@ -395,8 +403,9 @@ impl Spread {
         let Some(first) = runs.first() else {
             return Vec::new();
         };
-        let figures: [Figure; 7] = [
+        let figures: [Figure; 8] = [
             ("total s", |r| r.total_s),
+            ("lost s", |r| r.workload_lost_s),
             ("pause ms", |r| r.switchover_pause_ms),
             ("fault p50 µs", |r| r.fault_latency.p50_us),
             ("fault p99 µs", |r| r.fault_latency.p99_us),
@@ -572,6 +581,7 @@ impl Report {
                 .source_scan_ms
                 .map_or("-".into(), |s| format!("{s:.1} ms"))
         });
+        row("workload-seconds lost", &|r| format!("{:.2} s", r.workload_lost_s));
         row("fault latency (workload) p50", &|r| {
             lat(&r.fault_latency, |l| l.p50_us)
         });

@@ -9,8 +9,8 @@
 use std::sync::Arc;
 
 use anyhow::Context;
-use ringfault_engine::sys::guest::GuestArea;
-use ringfault_engine::sys::mapping::{GuestMapping, MapOptions};
+use ringfault_engine::sys::guest::{GuestMemory, RegionSpec};
+use ringfault_engine::sys::mapping::MapOptions;
 use serde::{Deserialize, Serialize};
 
 /// Bytes per page (the synthetic VM uses 4 KiB pages).
@@ -102,12 +102,19 @@ impl VmSpec {
 
     /// Maps and fills the source's memory with `threads` threads: every populated
     /// page is written (zero pages with zeros), unpopulated pages are left alone.
-    pub fn build(&self, threads: usize) -> anyhow::Result<Arc<GuestMapping>> {
+    pub fn build(&self, threads: usize) -> anyhow::Result<Arc<GuestMemory>> {
         self.validate()?;
         let len = usize::try_from(self.size)?;
         let m = Arc::new(
-            GuestMapping::anonymous(len, PAGE, MapOptions::default())
-                .context("mapping the synthetic VM's memory")?,
+            GuestMemory::anonymous(
+                &[RegionSpec {
+                    id: 1,
+                    size: len,
+                    page_size: PAGE,
+                }],
+                MapOptions::default(),
+            )
+            .context("mapping the synthetic VM's memory")?,
         );
         let pages = self.pages();
         let threads = u64::try_from(threads.max(1))?;
@@ -123,7 +130,7 @@ impl VmSpec {
                                 continue;
                             }
                             self.fill(p, &mut buf);
-                            m.write_from(page_offset(p)?, &buf)?;
+                            m.regions()[0].write(page_offset(p)?, &buf)?;
                         }
                         Ok(())
                     })
@@ -154,29 +161,15 @@ pub trait GuestMem: Send + Sync {
     fn read(&self, off: usize, buf: &mut [u8]);
 }
 
-impl GuestMem for GuestArea {
+impl GuestMem for GuestMemory {
     fn load(&self, off: usize) -> u64 {
-        self.read_u64(off).unwrap_or(0)
+        self.regions()[0].load_u64(off).unwrap_or(0)
     }
     fn store(&self, off: usize, v: u64) {
-        let _ = self.write_u64(off, v);
+        let _ = self.regions()[0].store_u64(off, v);
     }
     fn read(&self, off: usize, buf: &mut [u8]) {
-        let _ = GuestArea::read(self, off, buf);
-    }
-}
-
-impl GuestMem for GuestMapping {
-    fn load(&self, off: usize) -> u64 {
-        let mut b = [0u8; 8];
-        let _ = self.read_page_into(off, &mut b);
-        u64::from_le_bytes(b)
-    }
-    fn store(&self, off: usize, v: u64) {
-        let _ = self.write_from(off, &v.to_le_bytes());
-    }
-    fn read(&self, off: usize, buf: &mut [u8]) {
-        let _ = self.read_page_into(off, buf);
+        let _ = self.regions()[0].read(off, buf);
     }
 }
 

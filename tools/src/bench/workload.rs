@@ -31,6 +31,8 @@ pub enum Pattern {
     /// A Zipf-skewed (s = 0.99) working set, like an in-memory database: half
     /// reads, half read-modify-writes.
     Hotset,
+    /// No guest activity: the vCPUs sleep (pure background transfer).
+    Idle,
 }
 
 impl Pattern {
@@ -41,6 +43,7 @@ impl Pattern {
             Pattern::RandomRead => "random-read",
             Pattern::Scan => "scan",
             Pattern::Hotset => "hotset",
+            Pattern::Idle => "idle",
         }
     }
 }
@@ -406,6 +409,13 @@ fn vcpu(
     let mut scan = pages / u64::try_from(threads).unwrap_or(1).max(1) * tu;
     let word = t * 8;
     let mut n = 0u64;
+    if p.pattern == Pattern::Idle {
+        while control.load(Ordering::Relaxed) != STOP {
+            std::thread::park_timeout(Duration::from_millis(20));
+        }
+        r.cpu_end = cpu::thread_ns();
+        return r;
+    }
     loop {
         if n & 63 == 0 {
             // Relaxed: a stop request only needs to be seen eventually.
@@ -433,6 +443,7 @@ fn vcpu(
                 let rank = zipf.map_or(0, |z| z.rank(x));
                 (mix(rank ^ p.vm.seed) % pages, x >> 63 == 1)
             }
+            Pattern::Idle => (0, false),
         };
         // Only populated pages are written, so the populated share holds.
         let write = write && p.vm.class(page) != PageClass::Unpopulated;
