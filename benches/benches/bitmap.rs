@@ -15,7 +15,7 @@ fn bitmap(c: &mut Criterion) {
         b.iter(|| {
             i = (i + 1) % PAGES;
             if i == 0 {
-                bm.clear(0);
+                bm.clear_range(0, PAGES);
             }
             bm.test_and_set(black_box(i))
         })

@@ -1,6 +1,6 @@
 //! Page installs into a real userfaultfd-registered anonymous mapping, in pages
 //! per second: `UFFDIO_COPY` (4 KiB and 64 KiB calls), `UFFDIO_MOVE` (the
-//! receive buffer refilled before each move, as a receive would), and
+//! source buffer refilled before each move, as a receive would), and
 //! `UFFDIO_ZEROPAGE` (4 KiB and 2 MiB calls).
 //!
 //! Each timed call installs into missing pages; when the mapping is full it is
@@ -10,15 +10,15 @@
 use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use ringfault_engine::sys::install::{copy_from, move_from, zero};
-use ringfault_engine::sys::mapping::{AlignedBuf, GuestMapping, MapOptions, PAGE_4K};
+use ringfault_engine::sys::install::{copy, zero};
+use ringfault_engine::sys::mapping::{AlignedBuf, MapOptions, Mapping, PAGE_4K};
 use ringfault_engine::sys::uffd::{Features, RegisterMode, Uffd, UffdOptions};
 
 const REGION: usize = 64 << 20;
 
 struct Target {
     uffd: Uffd,
-    m: GuestMapping,
+    m: Mapping,
     next: usize,
 }
 
@@ -33,7 +33,9 @@ impl Target {
         uffd.api(features)
             .map_err(|e| eprintln!("SKIPPED install bench: {e}"))
             .ok()?;
-        let m = GuestMapping::anonymous(REGION, PAGE_4K, MapOptions::default()).ok()?;
+        let m = Mapping::anonymous(REGION, PAGE_4K, MapOptions::default())
+            .map_err(|e| eprintln!("SKIPPED install benches: mapping: {e}"))
+            .ok()?;
         uffd.register(m.addr(), m.len(), RegisterMode::Missing)
             .map_err(|e| eprintln!("SKIPPED install benches: register: {e}"))
             .ok()?;
@@ -74,7 +76,7 @@ fn install(c: &mut Criterion) {
     g.bench_function("copy/4KiB", |b| {
         b.iter_custom(|n| {
             timed(&mut t, n, PAGE_4K, |u, dst| {
-                let _ = copy_from(u, dst, &buf.as_slice()[..PAGE_4K], true);
+                let _ = copy(u, dst, &buf.as_slice()[..PAGE_4K], true);
             })
         })
     });
@@ -89,7 +91,7 @@ fn install(c: &mut Criterion) {
     g.bench_function("copy/64KiB", |b| {
         b.iter_custom(|n| {
             timed(&mut t, n, 64 << 10, |u, dst| {
-                let _ = copy_from(u, dst, buf.as_slice(), true);
+                let _ = copy(u, dst, buf.as_slice(), true);
             })
         })
     });
@@ -126,7 +128,13 @@ fn install(c: &mut Criterion) {
                     for off in (0..len).step_by(PAGE_4K) {
                         mbuf.as_mut_slice()[off] = 1;
                     }
-                    let _ = move_from(u, dst, &mut mbuf, 0, len);
+                    let src = mbuf.as_mut_ptr();
+                    // SAFETY: `mbuf` is our private anonymous, page-aligned
+                    // buffer, populated just above and borrowed mutably here,
+                    // so nothing reads or writes it during the move; its bytes
+                    // are not read afterwards (the next round refills them).
+                    // `dst` is a missing page range of the registered mapping.
+                    let _ = unsafe { u.move_pages(dst, src, len, true, false) };
                 })
             })
         });

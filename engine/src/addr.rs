@@ -60,10 +60,22 @@ impl PeerAddr {
     /// Connects, retrying refused connections for up to `patience` (the source may
     /// still be starting).
     pub fn connect(&self, patience: Duration) -> Result<Stream, EngineError> {
+        self.connect_within(patience, None)
+    }
+
+    /// [`PeerAddr::connect`], with each TCP attempt given up after `timeout`
+    /// (a peer that does not answer the SYN at all, e.g. behind a link that
+    /// is down, would otherwise hold it for the kernel's SYN retries, about
+    /// two minutes).
+    pub fn connect_within(
+        &self,
+        patience: Duration,
+        timeout: Option<Duration>,
+    ) -> Result<Stream, EngineError> {
         let deadline = std::time::Instant::now() + patience;
         loop {
             let attempt = match self {
-                PeerAddr::Tcp(hp) => TcpStream::connect(hp).and_then(|s| {
+                PeerAddr::Tcp(hp) => tcp_connect(hp, timeout).and_then(|s| {
                     s.set_nodelay(true)?;
                     Ok(Stream::Tcp(s))
                 }),
@@ -106,6 +118,23 @@ impl PeerAddr {
             PeerAddr::Unix(p) => bind_unix(p).map(Listener::Unix),
         }
     }
+}
+
+/// Connects to `hp` (`HOST:PORT`), each resolved address tried for at most
+/// `timeout` when one is given.
+fn tcp_connect(hp: &str, timeout: Option<Duration>) -> io::Result<TcpStream> {
+    let Some(timeout) = timeout else {
+        return TcpStream::connect(hp);
+    };
+    let mut last = None;
+    for a in hp.to_socket_addrs()? {
+        match TcpStream::connect_timeout(&a, timeout) {
+            Ok(s) => return Ok(s),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last
+        .unwrap_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "the host has no address")))
 }
 
 /// Binds a Unix stream listener at `path`, replacing only a stale socket: a
@@ -213,7 +242,9 @@ impl Stream {
         sockopt::set_tcp_keepidle(s, idle)?;
         sockopt::set_tcp_keepintvl(s, (silence / 6).max(Duration::from_secs(1)))?;
         sockopt::set_tcp_keepcnt(s, 3)?;
-        let ms = u32::try_from(silence.as_millis()).unwrap_or(u32::MAX).max(1);
+        let ms = u32::try_from(silence.as_millis())
+            .unwrap_or(u32::MAX)
+            .max(1);
         sockopt::set_tcp_user_timeout(s, ms)?;
         Ok(())
     }

@@ -172,6 +172,24 @@ impl AtomicBitmap {
         cleared
     }
 
+    /// Set bits among `first..first + count` (clamped to `len`).
+    pub fn count_range(&self, first: u64, count: u64) -> u64 {
+        let end = first.saturating_add(count).min(self.len);
+        let mut n = 0;
+        let mut i = first;
+        while i < end {
+            let wi = i / BITS;
+            let lo = i % BITS;
+            let hi = (end - wi * BITS).min(BITS);
+            if let Some(w) = self.word(i) {
+                // Acquire: as in is_set.
+                n += u64::from((w.load(Ordering::Acquire) & mask(lo, hi)).count_ones());
+            }
+            i = (wi + 1) * BITS;
+        }
+        n
+    }
+
     /// Whether bit `i` is set (out of range: true).
     pub fn is_set(&self, i: u64) -> bool {
         if i >= self.len {

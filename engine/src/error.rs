@@ -94,7 +94,9 @@ pub enum EngineError {
         lane: LaneId,
     },
     /// The peer stayed silent past the liveness timeout.
-    #[error("connection lost: {lane}: the peer has been silent for {silent_s:.1} s (liveness timeout)")]
+    #[error(
+        "connection lost: {lane}: the peer has been silent for {silent_s:.1} s (liveness timeout)"
+    )]
     Silent {
         /// Which connection.
         lane: LaneId,
@@ -109,6 +111,28 @@ pub enum EngineError {
         /// What was wrong.
         #[source]
         source: DecodeError,
+    },
+    /// A valid frame that names a region the session's layout does not have.
+    #[error("the peer named region {region} on the {lane}, which is not in the session's layout")]
+    UnknownRegion {
+        /// Which connection.
+        lane: LaneId,
+        /// The region id it named.
+        region: u32,
+    },
+    /// A valid frame that names pages outside their region.
+    #[error("the peer named pages {page:#x}..+{count:#x} of region {region} on the {lane}, which has {region_pages:#x} pages")]
+    PageOutOfRange {
+        /// Which connection.
+        lane: LaneId,
+        /// Region id.
+        region: u32,
+        /// First page.
+        page: u64,
+        /// Pages.
+        count: u64,
+        /// Pages in the region.
+        region_pages: u64,
     },
     /// A frame failed its integrity check: altered, injected, replayed or
     /// reordered on the path. Nothing from it was installed.
@@ -198,6 +222,9 @@ pub enum EngineError {
     /// A configuration value is out of range.
     #[error("invalid configuration: {0}")]
     Config(String),
+    /// This kernel lacks a feature the requested mode needs.
+    #[error("not supported here: {0}")]
+    Unsupported(String),
     /// A worker thread panicked (a bug).
     #[error("internal error: worker {worker} panicked")]
     WorkerPanicked {
@@ -207,9 +234,35 @@ pub enum EngineError {
     /// An engine invariant broke (a bug, never the peer's doing).
     #[error("internal error: {0}")]
     Internal(String),
+    /// CRIU's lazy pages: the restore, its images or its page server.
+    #[error("CRIU lazy pages")]
+    Criu(#[source] Box<crate::criu::CriuError>),
 }
 
 impl EngineError {
+    /// A frame from the peer on `lane` that failed a check against the
+    /// session's layout: an unknown region or pages out of range get their
+    /// own variants (the layouts differ, or the peer is wrong about them);
+    /// anything else is [`EngineError::Decode`].
+    pub fn validation(lane: LaneId, source: DecodeError) -> EngineError {
+        match source {
+            DecodeError::UnknownRegion { region } => EngineError::UnknownRegion { lane, region },
+            DecodeError::PageOutOfRange {
+                region,
+                page,
+                count,
+                region_pages,
+            } => EngineError::PageOutOfRange {
+                lane,
+                region,
+                page,
+                count,
+                region_pages,
+            },
+            source => EngineError::Decode { lane, source },
+        }
+    }
+
     /// Wraps an I/O error with what the engine was doing.
     pub fn io(context: impl Into<String>, source: std::io::Error) -> EngineError {
         EngineError::Io {
@@ -226,7 +279,9 @@ impl EngineError {
             | EngineError::Unexpected { .. }
             | EngineError::FrameTooLarge { .. } => ErrorCode::Protocol,
             EngineError::Integrity { .. } => ErrorCode::Integrity,
-            EngineError::LayoutMismatch(_) => ErrorCode::LayoutMismatch,
+            EngineError::LayoutMismatch(_)
+            | EngineError::UnknownRegion { .. }
+            | EngineError::PageOutOfRange { .. } => ErrorCode::LayoutMismatch,
             EngineError::Silent { .. } | EngineError::ResumeTimeout { .. } => ErrorCode::Timeout,
             EngineError::Session(_) => ErrorCode::Busy,
             EngineError::Protection { .. } => ErrorCode::AuthFailed,

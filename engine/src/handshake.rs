@@ -15,7 +15,7 @@ use std::time::Duration;
 use ringfault_proto::auth::{self, PresharedKey};
 use ringfault_proto::{
     Capabilities, Challenge, ErrorCode, Hello, Lane, Layout, Message, Nonce, Opener, Proof,
-    Protection, Role, Sealer, SessionId, Welcome, VERSION,
+    Protection, Role, Sealer, SessionId, Welcome, VERSION, WELCOME_VERIFY,
 };
 
 use crate::addr::Stream;
@@ -77,6 +77,8 @@ pub struct DestinationLink {
     pub layout: Layout,
     /// Agreed capabilities.
     pub capabilities: Capabilities,
+    /// The Welcome's `WELCOME_*` flags (pre-copy).
+    pub flags: u32,
 }
 
 /// The destination's side of the handshake.
@@ -87,6 +89,7 @@ pub fn destination_handshake(
     session: SessionId,
     resume: bool,
     protection: Protection,
+    capabilities: Capabilities,
 ) -> Result<DestinationLink, EngineError> {
     let lane = id.lane_id();
     stream
@@ -99,7 +102,7 @@ pub fn destination_handshake(
         lane: id.lane,
         channel: id.channel,
         channel_count: id.channel_count,
-        capabilities: our_capabilities(),
+        capabilities: capabilities.intersect(our_capabilities()),
         session,
         resume,
         protection,
@@ -109,7 +112,14 @@ pub fn destination_handshake(
     send_bare(&mut stream, &Message::Hello(hello))?;
     let challenge = match recv_bare(&mut stream, lane)? {
         Message::Challenge(c) => c,
-        other => return Err(unexpected(&mut stream, lane, &other, "instead of Challenge")),
+        other => {
+            return Err(unexpected(
+                &mut stream,
+                lane,
+                &other,
+                "instead of Challenge",
+            ))
+        }
     };
     if let Err(e) = auth::verify_source(key, &hello, &challenge) {
         send_bare_error(
@@ -120,14 +130,22 @@ pub fn destination_handshake(
         return Err(e.into());
     }
     if challenge.protection != protection {
-        send_bare_error(&mut stream, ErrorCode::AuthFailed, "frame protection differs");
+        send_bare_error(
+            &mut stream,
+            ErrorCode::AuthFailed,
+            "frame protection differs",
+        );
         return Err(EngineError::Protection {
             ours: protection.name(),
             theirs: challenge.protection.name(),
         });
     }
     if challenge.capabilities.0 & !hello.capabilities.0 != 0 {
-        send_bare_error(&mut stream, ErrorCode::Protocol, "capabilities not a subset of ours");
+        send_bare_error(
+            &mut stream,
+            ErrorCode::Protocol,
+            "capabilities not a subset of ours",
+        );
         return Err(EngineError::Unexpected {
             lane,
             kind: ringfault_proto::MsgKind::Challenge,
@@ -149,9 +167,17 @@ pub fn destination_handshake(
         opener,
         lane,
     };
-    let welcome = match framed.recv()? {
-        Message::Welcome(w) => w,
-        other => {
+    let welcome = match framed.recv() {
+        Ok(Message::Welcome(w)) => w,
+        Err(e) => {
+            // A Welcome that fails its tag (say a layout changed on the
+            // path) or does not decode: tell the source why, then close.
+            if !e.is_link_loss() && !matches!(e, EngineError::Peer { .. }) {
+                framed.send_error(e.code(), e.to_string());
+            }
+            return Err(e);
+        }
+        Ok(other) => {
             framed.send_error(ErrorCode::Protocol, "expected Welcome");
             return Err(EngineError::Unexpected {
                 lane,
@@ -174,6 +200,7 @@ pub fn destination_handshake(
         framed,
         layout: welcome.layout,
         capabilities: challenge.capabilities,
+        flags: welcome.flags,
     })
 }
 
@@ -196,6 +223,7 @@ pub fn source_handshake(
     layout: &Layout,
     protection: Protection,
     deadline: Duration,
+    welcome_flags: u32,
     accept_session: impl FnOnce(&Hello) -> Result<(), EngineError>,
 ) -> Result<SourceLink, EngineError> {
     let mut lane = LaneId::DEMAND;
@@ -262,9 +290,16 @@ pub fn source_handshake(
         opener,
         lane,
     };
+    // Digests follow completion only for a destination that can check them.
+    let flags = if hello.capabilities.contains(Capabilities::VERIFY) {
+        welcome_flags
+    } else {
+        welcome_flags & !WELCOME_VERIFY
+    };
     framed.send(&Message::Welcome(Welcome {
         session: hello.session,
         layout: layout.clone(),
+        flags,
     }))?;
     framed
         .stream
@@ -273,7 +308,12 @@ pub fn source_handshake(
     Ok(SourceLink { framed, hello })
 }
 
-fn unexpected(stream: &mut Stream, lane: LaneId, got: &Message, state: &'static str) -> EngineError {
+fn unexpected(
+    stream: &mut Stream,
+    lane: LaneId,
+    got: &Message,
+    state: &'static str,
+) -> EngineError {
     send_bare_error(
         stream,
         ErrorCode::Protocol,

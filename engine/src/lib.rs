@@ -6,9 +6,12 @@
 //!   other page on bulk lanes until all are present.
 //! - One fault loop ([`destination::faultloop`]) serves every destination,
 //!   whatever the [`PageSource`](destination::pages::PageSource): a remote
-//!   source, a local memory file, CRIU's page images.
+//!   source, a local memory file, CRIU's page images or page server
+//!   ([`criu`], a drop-in for `criu lazy-pages`).
 //! - The socket-free core ([`schedule`], [`bitmap`], [`space`]) decides which
 //!   page goes next.
+//! - [`verify`]: digests of every page after completion, to prove that both
+//!   ends hold the same bytes.
 //! - All `unsafe` code lives in [`sys`]; everything else is safe Rust.
 //!
 //! Guest memory is never a Rust slice: see [`sys::guest`].
@@ -16,6 +19,7 @@
 
 pub mod addr;
 pub mod bitmap;
+pub mod criu;
 pub mod destination;
 pub mod error;
 pub mod firecracker;
@@ -26,10 +30,11 @@ pub mod space;
 pub mod stats;
 #[allow(unsafe_code)]
 pub mod sys;
+pub mod verify;
 pub mod wire;
 
 pub use addr::PeerAddr;
-pub use destination::{Destination, DestinationConfig, InstallMode};
+pub use destination::{Destination, DestinationConfig, InstallMode, Verify};
 pub use error::EngineError;
 pub use ringfault_proto::Protection;
 pub use source::{Source, SourceConfig};

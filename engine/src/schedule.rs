@@ -84,7 +84,7 @@ impl DemandTable {
             return;
         }
         let end = first.saturating_add(count);
-        let hit: Vec<u64> = if count as usize > self.pending.len() {
+        let hit: Vec<u64> = if usize::try_from(count).map_or(true, |c| c > self.pending.len()) {
             self.pending
                 .keys()
                 .copied()

@@ -20,8 +20,13 @@ pub struct RegionSpan {
     /// log2 of the page size.
     pub shift: u32,
     /// Address of its first byte in this process (0 when it does not live
-    /// here, e.g. on a source serving from a file).
+    /// here, e.g. on a source serving from a file), or in the address space
+    /// of its owner (see `owner`).
     pub base: usize,
+    /// Which userfaultfd serves it: 0 unless the space spans several
+    /// address spaces ([`PageSpace::with_owners`], one per process of a
+    /// CRIU restore), whose regions may then lie at the same addresses.
+    pub owner: u32,
 }
 
 impl RegionSpan {
@@ -58,12 +63,21 @@ pub struct PageSpace {
     /// Span indices sorted by base address (regions that live here).
     by_addr: Vec<usize>,
     total: u64,
+    owners: u32,
 }
 
 impl PageSpace {
     /// Numbers `layout`'s pages; `bases[i]` is where region `i` lives here
     /// (pass an empty slice when none does).
     pub fn new(layout: &Layout, bases: &[usize]) -> PageSpace {
+        PageSpace::with_owners(layout, bases, &[])
+    }
+
+    /// Numbers `layout`'s pages for several address spaces: region `i`
+    /// lives at `bases[i]` in the address space of userfaultfd `owners[i]`
+    /// (0 where `owners` is short). Regions of different owners may overlap
+    /// in address; those of one owner must not.
+    pub fn with_owners(layout: &Layout, bases: &[usize], owners: &[u32]) -> PageSpace {
         let mut spans = Vec::with_capacity(layout.regions.len());
         let mut total = 0u64;
         for (i, r) in layout.regions.iter().enumerate() {
@@ -75,16 +89,24 @@ impl PageSpace {
                 page_size: usize::try_from(r.page_size.bytes()).unwrap_or(usize::MAX),
                 shift: r.page_size.shift(),
                 base: bases.get(i).copied().unwrap_or(0),
+                owner: owners.get(i).copied().unwrap_or(0),
             });
             total = total.saturating_add(pages);
         }
         let mut by_addr: Vec<usize> = (0..spans.len()).filter(|&i| spans[i].base != 0).collect();
-        by_addr.sort_by_key(|&i| spans[i].base);
+        by_addr.sort_by_key(|&i| (spans[i].owner, spans[i].base));
+        let owners = spans.iter().map(|s| s.owner).max().map_or(1, |m| m + 1);
         PageSpace {
             spans,
             by_addr,
             total,
+            owners,
         }
+    }
+
+    /// How many userfaultfds the regions name (at least 1).
+    pub fn owners(&self) -> u32 {
+        self.owners
     }
 
     /// Pages in all regions.
@@ -104,9 +126,9 @@ impl PageSpace {
 
     /// Layout index of the region with wire id `id`.
     pub fn index_of(&self, id: u32) -> Option<usize> {
-        let direct = usize::try_from(id).ok().filter(|&i| {
-            self.spans.get(i).is_some_and(|s| s.id == id)
-        });
+        let direct = usize::try_from(id)
+            .ok()
+            .filter(|&i| self.spans.get(i).is_some_and(|s| s.id == id));
         direct.or_else(|| self.spans.iter().position(|s| s.id == id))
     }
 
@@ -125,14 +147,19 @@ impl PageSpace {
 
     /// `(region index, page)` holding address `addr`, for regions that live here.
     pub fn locate_addr(&self, addr: usize) -> Option<(usize, u64)> {
+        self.locate_addr_in(0, addr)
+    }
+
+    /// `(region index, page)` holding address `addr` in the address space of
+    /// userfaultfd `owner`.
+    pub fn locate_addr_in(&self, owner: u32, addr: usize) -> Option<(usize, u64)> {
         let k = self
             .by_addr
-            .partition_point(|&i| self.spans[i].base <= addr)
+            .partition_point(|&i| (self.spans[i].owner, self.spans[i].base) <= (owner, addr))
             .checked_sub(1)?;
         let i = self.by_addr[k];
         let s = &self.spans[i];
-        s.contains(addr)
-            .then(|| (i, ((addr - s.base) >> s.shift) as u64))
+        (s.owner == owner && s.contains(addr)).then(|| (i, ((addr - s.base) >> s.shift) as u64))
     }
 
     /// The largest page size, in bytes.
@@ -174,5 +201,26 @@ mod tests {
         assert_eq!(s.locate_addr(0x40_0000_0000 + 4096 * 16), None);
         assert_eq!(s.locate_addr(5), None);
         assert_eq!(s.span(0).map(|x| x.addr_of(2)), Some(0x40_0000_0000 + 8192));
+        assert_eq!(s.owners(), 1);
+    }
+
+    #[test]
+    fn owners_may_share_addresses() {
+        let r = |id| RegionDesc {
+            id,
+            page_size: PageSize::Size4K,
+            size: 4 * 4096,
+        };
+        let layout = Layout {
+            regions: vec![r(0), r(1), r(2)],
+        };
+        let s = PageSpace::with_owners(&layout, &[0x10000, 0x10000, 0x20000], &[0, 1, 1]);
+        assert_eq!(s.owners(), 2);
+        assert_eq!(s.locate_addr_in(0, 0x10000 + 4096), Some((0, 1)));
+        assert_eq!(s.locate_addr_in(1, 0x10000 + 4096), Some((1, 1)));
+        assert_eq!(s.locate_addr_in(1, 0x20000 + 3 * 4096), Some((2, 3)));
+        assert_eq!(s.locate_addr_in(0, 0x20000), None);
+        assert_eq!(s.locate_addr_in(2, 0x10000), None);
+        assert_eq!(s.locate_addr(0x10000), Some((0, 0)));
     }
 }

@@ -35,6 +35,53 @@ pub struct Counters {
     pub eagain_retries: AtomicU64,
     /// Bytes read from all sockets, headers included.
     pub wire_bytes: AtomicU64,
+    /// Thread CPU ns of the bulk lanes inside the kernel's receive path
+    /// (io_uring enter, where the socket copies run).
+    pub stage_receive_ns: AtomicU64,
+    /// Thread CPU ns parsing and checking frames (tags).
+    pub stage_verify_ns: AtomicU64,
+    /// Thread CPU ns installing pages (`UFFDIO_COPY`/`MOVE`, which also
+    /// wake the faulting threads).
+    pub stage_install_ns: AtomicU64,
+    /// Thread CPU ns of the fault loop (all of it: the demand path's cost on
+    /// this end).
+    pub fault_loop_cpu_ns: AtomicU64,
+    /// Demand requests sent.
+    pub demand_requests: AtomicU64,
+    /// Pages a balloon removed (`UFFD_EVENT_REMOVE`), counted per event.
+    pub removed_pages: AtomicU64,
+    /// Faults on pages known to read zero (removed by a balloon, or never
+    /// populated on the source), served with a zero page.
+    pub zero_faults: AtomicU64,
+}
+
+/// CPU time of the calling thread, ns.
+pub fn thread_cpu_ns() -> u64 {
+    let t = rustix::time::clock_gettime(rustix::time::ClockId::ThreadCPUTime);
+    u64::try_from(t.tv_sec).unwrap_or(0) * 1_000_000_000 + u64::try_from(t.tv_nsec).unwrap_or(0)
+}
+
+/// Attributes a thread's CPU time to stages: each [`Lap::lap`] adds the CPU
+/// time since the previous one to a counter.
+#[derive(Debug)]
+pub struct Lap(u64);
+
+impl Lap {
+    /// Starts timing now.
+    pub fn start() -> Lap {
+        Lap(thread_cpu_ns())
+    }
+    /// Adds the CPU time since the last lap to `into`.
+    pub fn lap(&mut self, into: &AtomicU64) {
+        let now = thread_cpu_ns();
+        // Relaxed: a statistic.
+        into.fetch_add(now.saturating_sub(self.0), Ordering::Relaxed);
+        self.0 = now;
+    }
+    /// Restarts without attributing.
+    pub fn skip(&mut self) {
+        self.0 = thread_cpu_ns();
+    }
 }
 
 impl Counters {
@@ -162,6 +209,14 @@ pub fn cdf_points(h: &Histogram<u64>) -> Vec<(f64, f64)> {
     out
 }
 
+/// Every recorded bucket of a histogram as (microseconds, count), in order:
+/// the whole distribution, for a CDF drawn without losing its tail.
+pub fn histogram_points(h: &Histogram<u64>) -> Vec<(f64, u64)> {
+    h.iter_recorded()
+        .map(|v| (ns_to_us(v.value_iterated_to()), v.count_at_value()))
+        .collect()
+}
+
 /// One channel's traffic.
 #[derive(Debug, Clone, Serialize)]
 pub struct ChannelReport {
@@ -228,6 +283,8 @@ pub struct DestinationReport {
     pub fault_service: LatencySummary,
     /// CDF points of the same, for plots.
     pub fault_service_cdf: Vec<(f64, f64)>,
+    /// The whole histogram of the same: (µs, count) per recorded bucket.
+    pub fault_service_histogram: Vec<(f64, u64)>,
     /// Per-channel traffic.
     pub channels: Vec<ChannelReport>,
     /// Frame protection: `none`, `mac` or `aead`.
@@ -236,6 +293,29 @@ pub struct DestinationReport {
     pub resumes: u32,
     /// Bytes of page-state metadata (the present bitmap) allocated.
     pub metadata_bytes: u64,
+    /// Per-stage CPU cost, ns per page received on the bulk lanes (receive,
+    /// verify, install) and µs per demand request (the fault loop's CPU).
+    pub stages: StageCosts,
+    /// The source's digests of every page, when it sent them
+    /// (`crate::verify::compare` checks memory against them). Not in the
+    /// JSON: one per MiB of guest memory.
+    #[serde(skip)]
+    pub source_digests: Option<Vec<crate::verify::RegionDigests>>,
+}
+
+/// CPU cost of the stages of one end.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct StageCosts {
+    /// Bulk: kernel receive, ns per page.
+    pub receive_ns_per_page: f64,
+    /// Bulk: frame parse and tag check, ns per page.
+    pub verify_ns_per_page: f64,
+    /// Bulk: install (and wake), ns per page.
+    pub install_ns_per_page: f64,
+    /// Demand: this end's CPU per request, µs.
+    pub demand_us_per_request: f64,
+    /// Demand requests.
+    pub demand_requests: u64,
 }
 
 impl DestinationReport {
@@ -265,10 +345,25 @@ impl DestinationReport {
             wire_bytes: Counters::get(&c.wire_bytes),
             fault_service: LatencySummary::of(h),
             fault_service_cdf: cdf_points(h),
+            fault_service_histogram: histogram_points(h),
             channels,
             protection: String::new(),
             resumes: 0,
             metadata_bytes: 0,
+            source_digests: None,
+            stages: {
+                let bulk = Counters::get(&c.bulk_pages).max(1);
+                let per = |a: &AtomicU64| ratio(Counters::get(a), bulk);
+                let reqs = Counters::get(&c.demand_requests);
+                StageCosts {
+                    receive_ns_per_page: per(&c.stage_receive_ns),
+                    verify_ns_per_page: per(&c.stage_verify_ns),
+                    install_ns_per_page: per(&c.stage_install_ns),
+                    demand_us_per_request: ratio(Counters::get(&c.fault_loop_cpu_ns), reqs.max(1))
+                        / 1000.0,
+                    demand_requests: reqs,
+                }
+            },
         }
     }
 
@@ -307,6 +402,26 @@ pub struct SourceReport {
     pub classify_s: f64,
     /// Bytes of page-state metadata (the sent bitmap) allocated.
     pub metadata_bytes: u64,
+    /// Per-stage CPU cost on the source.
+    pub stages: SourceStageCosts,
+    /// What pre-copy did (none: pure post-copy).
+    pub precopy: Option<crate::source::precopy::PrecopyReport>,
+}
+
+/// CPU cost of the source's stages: ns per page sent on the bulk lanes, µs
+/// per demand request.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct SourceStageCosts {
+    /// Claiming pages from the plan.
+    pub claim_ns_per_page: f64,
+    /// Classifying pages (page-table scan, zero check) and building frames.
+    pub classify_ns_per_page: f64,
+    /// Computing tags (or encrypting).
+    pub seal_ns_per_page: f64,
+    /// The kernel's send (copy into the socket).
+    pub send_ns_per_page: f64,
+    /// Demand lane thread CPU per request, µs.
+    pub demand_us_per_request: f64,
 }
 
 /// Session ids in reports.

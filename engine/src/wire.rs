@@ -55,7 +55,10 @@ fn read_exact(stream: &mut Stream, buf: &mut [u8], lane: LaneId) -> Result<(), E
             EngineError::ConnectionLost { lane }
         }
         std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => EngineError::io(
-            format!("the peer {} did not answer in time on the {lane}", stream.peer()),
+            format!(
+                "the peer {} did not answer in time on the {lane}",
+                stream.peer()
+            ),
             e,
         ),
         _ => EngineError::io(format!("reading from {} on the {lane}", stream.peer()), e),
@@ -63,13 +66,16 @@ fn read_exact(stream: &mut Stream, buf: &mut [u8], lane: LaneId) -> Result<(), E
 }
 
 /// Appends the tag of a frame without payload (header and body in `frame`).
-pub fn seal_control(sealer: &mut Sealer, frame: &mut Vec<u8>, lane: LaneId) -> Result<(), EngineError> {
-    match sealer
+pub fn seal_control(
+    sealer: &mut Sealer,
+    frame: &mut Vec<u8>,
+    lane: LaneId,
+) -> Result<(), EngineError> {
+    if let Some(tag) = sealer
         .seal(frame, &[])
         .map_err(|source| EngineError::Integrity { lane, source })?
     {
-        Some(tag) => frame.extend_from_slice(&tag),
-        None => {}
+        frame.extend_from_slice(&tag);
     }
     Ok(())
 }
@@ -94,7 +100,12 @@ impl Framed {
         seal_control(&mut self.sealer, &mut out, self.lane)?;
         self.stream.write_all(&out).map_err(|e| {
             EngineError::io(
-                format!("sending {:?} on the {} to {}", msg.kind(), self.lane, self.stream.peer()),
+                format!(
+                    "sending {:?} on the {} to {}",
+                    msg.kind(),
+                    self.lane,
+                    self.stream.peer()
+                ),
                 e,
             )
         })
@@ -115,7 +126,8 @@ impl Framed {
         let head: [u8; FRAME_HEADER_LEN] = frame[..]
             .try_into()
             .map_err(|_| EngineError::Internal("header length".into()))?;
-        let header = FrameHeader::parse(&head).map_err(|source| EngineError::Decode { lane, source })?;
+        let header =
+            FrameHeader::parse(&head).map_err(|source| EngineError::Decode { lane, source })?;
         let body_len = header.body_len_usize();
         frame.resize(FRAME_HEADER_LEN + body_len, 0);
         read_exact(&mut self.stream, &mut frame[FRAME_HEADER_LEN..], lane)?;

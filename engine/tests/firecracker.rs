@@ -1,10 +1,8 @@
 //! The Firecracker page-fault handler on the real kernel. The test plays
-//! Firecracker's side byte for byte, as `guest_memory_from_uffd` does in its
-//! `persist.rs`: anonymous guest regions of two sizes; a userfaultfd made with
-//! `O_CLOEXEC | O_NONBLOCK`, not restricted to user-mode faults, `UFFDIO_API` with
-//! `EVENT_REMOVE`; every region registered MISSING; connect to the handler's
-//! socket and one `sendmsg` carrying the JSON mappings and the userfaultfd. Then
-//! several threads touch guest pages, as vCPUs would.
+//! Firecracker's side byte for byte (`ringfault_testkit::vmm`): anonymous guest
+//! regions of two sizes, a userfaultfd with `EVENT_REMOVE` registered MISSING
+//! on each, the JSON mappings and the userfaultfd handed over in one
+//! `sendmsg`; then several threads touch guest pages, as vCPUs would.
 //!
 //! Cases: local mode, remote mode (source in a child process, over loopback),
 //! balloon (`MADV_DONTNEED` while pages are being served), and peer exit and bad
@@ -15,241 +13,40 @@
 #![allow(clippy::cast_possible_truncation, clippy::cast_precision_loss)]
 
 use std::fs::File;
-use std::io::{BufRead, BufReader, BufWriter, Read, Write};
-use std::os::fd::AsFd;
-use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
-use std::sync::{Arc, Mutex};
+use std::path::Path;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use rand::seq::SliceRandom;
-use rand::SeedableRng;
 use ringfault_engine::firecracker::{
     self, serve_local, serve_remote, Ended, FirecrackerError, HandlerStats, LocalOptions,
 };
-use ringfault_engine::sys::mapping::{GuestMapping, MapOptions};
-use ringfault_engine::sys::scm::send_with_fd;
-use ringfault_engine::sys::uffd::{Features, RegisterMode, Uffd, UffdOptions};
-use ringfault_engine::{DestinationConfig, PeerAddr, Source, SourceConfig, SourceRegion};
+use ringfault_engine::source::FileRegion;
+use ringfault_engine::sys::mapping::PAGE_2M;
+use ringfault_engine::{DestinationConfig, PeerAddr, Source, SourceConfig};
 use ringfault_proto::auth::PresharedKey;
+use ringfault_proto::PageSize;
+use ringfault_testkit::memfile::{region_page, write_memory_file};
+use ringfault_testkit::{
+    error_chain, mix, populated_pages, serial, serve_child_main, skip, wait_for, ChildProc,
+    FakeVmm, Handover, TestDir, MIB, PAGE,
+};
 
-const PAGE: usize = 4096;
-const MIB: usize = 1 << 20;
 /// Two regions of different sizes, laid out one after the other in the memory
 /// file, as Firecracker writes them.
 const SIZES: [usize; 2] = [24 * MIB, 8 * MIB];
 const KEY: &str = "ringfault-firecracker-test-key-0123";
 
-static SERIAL: Mutex<()> = Mutex::new(());
-
-fn serial() -> std::sync::MutexGuard<'static, ()> {
-    SERIAL.lock().unwrap_or_else(|p| p.into_inner())
+fn key() -> PresharedKey {
+    PresharedKey::new(KEY.as_bytes().to_vec()).unwrap_or_else(|e| panic!("key: {e}"))
 }
 
-// ---------------------------------------------------------------------------
-// The snapshot memory file
-// ---------------------------------------------------------------------------
-
-fn mix(mut x: u64) -> u64 {
-    x ^= x >> 33;
-    x = x.wrapping_mul(0xff51_afd7_ed55_8ccd);
-    x ^= x >> 33;
-    x = x.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
-    x ^ (x >> 33)
+/// The file's bytes for page `p` of region `ri`.
+fn file_bytes(seed: u64) -> impl Fn(usize, u64, &mut [u8]) + Sync {
+    move |ri, p, out| region_page(seed, &SIZES, ri, p, out)
 }
 
-/// The file's page `page`: one page in eight is all zeros (served with
-/// `UFFDIO_ZEROPAGE`), the rest pseudo-random.
-fn file_page(seed: u64, page: u64, out: &mut [u8]) {
-    let h = mix(seed ^ page.wrapping_mul(0x9e37_79b9_7f4a_7c15));
-    if h.is_multiple_of(8) {
-        out.fill(0);
-        return;
-    }
-    let mut x = h | 1;
-    for c in out.chunks_exact_mut(8) {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        c.copy_from_slice(&x.to_le_bytes());
-    }
-}
-
-fn write_memory_file(path: &Path, seed: u64, len: usize) -> File {
-    let mut w = BufWriter::new(File::create(path).unwrap());
-    let mut page = vec![0u8; PAGE];
-    for p in 0..(len / PAGE) as u64 {
-        file_page(seed, p, &mut page);
-        w.write_all(&page).unwrap();
-    }
-    w.flush().unwrap();
-    drop(w);
-    File::open(path).unwrap()
-}
-
-struct TestDir(PathBuf);
-
-impl TestDir {
-    fn new(name: &str) -> TestDir {
-        let p = std::env::temp_dir().join(format!("rf-fc-{}-{name}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&p);
-        std::fs::create_dir_all(&p).unwrap();
-        TestDir(p)
-    }
-    fn path(&self, f: &str) -> PathBuf {
-        self.0.join(f)
-    }
-}
-
-impl Drop for TestDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-// ---------------------------------------------------------------------------
-// Firecracker's side
-// ---------------------------------------------------------------------------
-
-/// What "Firecracker" sends.
-#[derive(Clone)]
-enum Message {
-    /// The mappings of its regions, as Firecracker serialises them.
-    Real,
-    /// These bytes instead.
-    Raw(String),
-}
-
-/// A VMM restoring a snapshot through an external handler.
-struct FakeFirecracker {
-    regions: Vec<GuestMapping>,
-    /// Firecracker keeps its userfaultfd open for the life of the VM.
-    _uffd: Uffd,
-    /// Firecracker keeps the socket open too; closing it tells the handler to go.
-    _stream: UnixStream,
-}
-
-impl FakeFirecracker {
-    fn boot(socket: &Path) -> FakeFirecracker {
-        Self::boot_with(socket, Message::Real, true)
-    }
-
-    fn boot_with(socket: &Path, msg: Message, send_uffd: bool) -> FakeFirecracker {
-        let regions: Vec<GuestMapping> = SIZES
-            .iter()
-            .map(|&s| GuestMapping::anonymous(s, PAGE, MapOptions::default()).unwrap())
-            .collect();
-        Self::hand_over(socket, regions, msg, send_uffd)
-    }
-
-    /// Hands already mapped regions (any page size) to the handler.
-    fn hand_over(
-        socket: &Path,
-        regions: Vec<GuestMapping>,
-        msg: Message,
-        send_uffd: bool,
-    ) -> FakeFirecracker {
-        // UffdBuilder::new().close_on_exec(true).non_blocking(true)
-        //     .user_mode_only(false).require_features(EVENT_REMOVE)
-        let uffd = Uffd::open(UffdOptions {
-            nonblock: true,
-            user_mode_only: false,
-        })
-        .unwrap();
-        uffd.api(Features::EVENT_REMOVE).unwrap();
-        for r in &regions {
-            uffd.register(r.addr(), r.len(), RegisterMode::Missing)
-                .unwrap();
-        }
-        let json = match msg {
-            Message::Real => mappings_json(&regions),
-            Message::Raw(s) => s,
-        };
-        let stream = connect(socket);
-        let fd = send_uffd.then(|| uffd.as_fd());
-        let sent = send_with_fd(stream.as_fd(), json.as_bytes(), fd).unwrap();
-        assert_eq!(sent, json.len(), "one sendmsg carries the whole message");
-        FakeFirecracker {
-            regions,
-            _uffd: uffd,
-            _stream: stream,
-        }
-    }
-
-    /// Reads every listed page from `threads` threads in a shuffled order and
-    /// returns the pages that differ from `want`.
-    fn touch(
-        &self,
-        pages: &[(usize, u64)],
-        threads: usize,
-        want: &(dyn Fn(usize, u64, &mut [u8]) + Sync),
-    ) -> Vec<String> {
-        let mut order = pages.to_vec();
-        order.shuffle(&mut rand::rngs::StdRng::seed_from_u64(pages.len() as u64));
-        let chunk = order.len().div_ceil(threads).max(1);
-        std::thread::scope(|s| {
-            let handles: Vec<_> = order
-                .chunks(chunk)
-                .map(|part| {
-                    s.spawn(move || {
-                        let mut bad = Vec::new();
-                        let mut got = vec![0u8; PAGE];
-                        let mut exp = vec![0u8; PAGE];
-                        for &(ri, p) in part {
-                            self.regions[ri]
-                                .read_page_into(p as usize * PAGE, &mut got)
-                                .unwrap();
-                            want(ri, p, &mut exp);
-                            if got != exp && bad.len() < 10 {
-                                bad.push(format!("region {ri} page {p}"));
-                            }
-                        }
-                        bad
-                    })
-                })
-                .collect();
-            handles
-                .into_iter()
-                .flat_map(|h| h.join().unwrap())
-                .collect()
-        })
-    }
-}
-
-/// `[{"base_host_virt_addr":..,"size":..,"offset":..,"page_size":4096,"page_size_kib":4096}]`
-fn mappings_json(regions: &[GuestMapping]) -> String {
-    let mut offset = 0usize;
-    let items: Vec<String> = regions
-        .iter()
-        .map(|r| {
-            let ps = r.page_size();
-            let s = format!(
-                r#"{{"base_host_virt_addr":{},"size":{},"offset":{},"page_size":{ps},"page_size_kib":{ps}}}"#,
-                r.addr(),
-                r.len(),
-                offset
-            );
-            offset += r.len();
-            s
-        })
-        .collect();
-    format!("[{}]", items.join(","))
-}
-
-fn connect(socket: &Path) -> UnixStream {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        match UnixStream::connect(socket) {
-            Ok(s) => return s,
-            Err(e) if Instant::now() < deadline => {
-                let _ = e;
-                std::thread::sleep(Duration::from_millis(10));
-            }
-            Err(e) => panic!("cannot connect to the handler at {}: {e}", socket.display()),
-        }
-    }
+fn zeros(_: usize, _: u64, out: &mut [u8]) {
+    out.fill(0);
 }
 
 /// Every page of both regions.
@@ -261,52 +58,49 @@ fn all_pages() -> Vec<(usize, u64)> {
         .collect()
 }
 
-/// The file's bytes for page `p` of region `ri`.
-fn file_bytes(seed: u64) -> impl Fn(usize, u64, &mut [u8]) + Sync {
-    move |ri, p, out| {
-        let first: usize = SIZES[..ri].iter().sum::<usize>() / PAGE;
-        file_page(seed, first as u64 + p, out);
-    }
-}
+type HandlerThread = std::thread::JoinHandle<Result<Ended, FirecrackerError>>;
 
-fn wait_for(what: &str, limit: Duration, mut done: impl FnMut() -> bool) {
-    let deadline = Instant::now() + limit;
-    while !done() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(10));
-    }
-}
-
-/// Runs a local-mode handler on a thread of this process.
+/// Runs a local-mode handler for the memory file at `path` on a thread of
+/// this process.
 fn local_handler(
     socket: &Path,
-    file: File,
+    path: &Path,
     opts: LocalOptions,
-) -> (
-    Arc<HandlerStats>,
-    std::thread::JoinHandle<Result<Ended, FirecrackerError>>,
-) {
-    let listener = firecracker::listen(socket).unwrap();
+) -> (Arc<HandlerStats>, HandlerThread) {
+    let listener = firecracker::listen(socket).unwrap_or_else(|e| panic!("listen: {e}"));
     let stats = Arc::new(HandlerStats::new("local"));
+    let st = stats.clone();
+    let path = path.display().to_string();
+    let file = File::open(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+    let h = std::thread::spawn(move || {
+        let hs = firecracker::accept(&listener)?;
+        serve_local(hs, &path, file, opts, st)
+    });
+    (stats, h)
+}
+
+/// Runs a remote-mode handler, fed by the source at `addr`.
+fn remote_handler(socket: &Path, addr: PeerAddr) -> (Arc<HandlerStats>, HandlerThread) {
+    let listener = firecracker::listen(socket).unwrap_or_else(|e| panic!("listen: {e}"));
+    let stats = Arc::new(HandlerStats::new("remote"));
     let st = stats.clone();
     let h = std::thread::spawn(move || {
         let hs = firecracker::accept(&listener)?;
-        serve_local(hs, &file, opts, st)
+        serve_remote(hs, &addr, DestinationConfig::new(key()), st)
     });
     (stats, h)
 }
 
 /// Closes "Firecracker" and checks that the handler ends cleanly within 1 s.
-fn shut_down(
-    vm: FakeFirecracker,
-    handler: std::thread::JoinHandle<Result<Ended, FirecrackerError>>,
-) {
+fn shut_down(vm: FakeVmm, handler: HandlerThread) {
     let t0 = Instant::now();
     drop(vm);
     wait_for("the handler to notice", Duration::from_secs(1), || {
         handler.is_finished()
     });
-    let ended = handler.join().unwrap();
+    let ended = handler
+        .join()
+        .unwrap_or_else(|_| panic!("the handler panicked"));
     assert!(
         matches!(ended, Ok(Ended::PeerGone)),
         "the handler must end cleanly: {ended:?}"
@@ -321,12 +115,12 @@ fn shut_down(
 #[test]
 fn local_mode_every_page_matches_the_memory_file() {
     let _g = serial();
-    let dir = TestDir::new("local");
+    let dir = TestDir::new("fc-local");
     let total: usize = SIZES.iter().sum();
-    let file = write_memory_file(&dir.path("mem"), 11, total);
+    drop(write_memory_file(&dir.path("mem"), 11, total));
     let sock = dir.path("uffd.sock");
-    let (stats, handler) = local_handler(&sock, file, LocalOptions::default());
-    let vm = FakeFirecracker::boot(&sock);
+    let (stats, handler) = local_handler(&sock, &dir.path("mem"), LocalOptions::default());
+    let vm = FakeVmm::boot(&sock, &SIZES);
     // A "vCPU" writes the first word of every third page (its first touch of
     // most of them) while others read and the background fill runs: no install
     // may ever overwrite a guest write.
@@ -344,14 +138,16 @@ fn local_mode_every_page_matches_the_memory_file() {
     std::thread::scope(|s| {
         let writer = s.spawn(|| {
             for &(ri, p) in &writes {
-                vm_ref.regions[ri]
-                    .write_from(p as usize * PAGE, &marker(ri, p).to_le_bytes())
-                    .unwrap();
+                vm_ref.regions()[ri]
+                    .write(p as usize * PAGE, &marker(ri, p).to_le_bytes())
+                    .unwrap_or_else(|e| panic!("guest write: {e}"));
             }
         });
         let bad = vm_ref.touch(&reads, 3, &file_bytes(11));
         assert!(bad.is_empty(), "pages differ from the memory file: {bad:?}");
-        writer.join().unwrap();
+        writer
+            .join()
+            .unwrap_or_else(|_| panic!("the writer panicked"));
     });
     wait_for("every page present", Duration::from_secs(30), || {
         stats.all_present_after().is_some()
@@ -365,125 +161,92 @@ fn local_mode_every_page_matches_the_memory_file() {
     assert!(r.faults > 0, "{r:?}");
     assert!(
         r.pages_zeroed > 0,
-        "zero pages of the file use ZEROPAGE: {r:?}"
+        "holes of the file are installed as zero pages: {r:?}"
     );
     assert_eq!(
         r.pages_copied + r.pages_zeroed,
         (total / PAGE) as u64,
         "{r:?}"
     );
-    assert_eq!(r.bytes_served, r.pages_copied * PAGE as u64);
+    assert_eq!(r.pages_present, r.pages_total, "{r:?}");
+    assert_eq!(r.bytes_served, r.pages_copied * PAGE as u64, "{r:?}");
     shut_down(vm, handler);
 }
 
 #[test]
 fn local_mode_without_background_fills_only_what_faults() {
     let _g = serial();
-    let dir = TestDir::new("nobg");
+    let dir = TestDir::new("fc-nobg");
     let total: usize = SIZES.iter().sum();
-    let file = write_memory_file(&dir.path("mem"), 12, total);
+    drop(write_memory_file(&dir.path("mem"), 12, total));
     let sock = dir.path("uffd.sock");
     let opts = LocalOptions {
         background: false,
         ..LocalOptions::default()
     };
-    let (stats, handler) = local_handler(&sock, file, opts);
-    let vm = FakeFirecracker::boot(&sock);
+    let (stats, handler) = local_handler(&sock, &dir.path("mem"), opts);
+    let vm = FakeVmm::boot(&sock, &SIZES);
     let some: Vec<(usize, u64)> = all_pages().into_iter().step_by(7).collect();
     let bad = vm.touch(&some, 3, &file_bytes(12));
     assert!(bad.is_empty(), "{bad:?}");
-    std::thread::sleep(Duration::from_millis(200));
-    let r = stats.report();
-    assert_eq!(
-        r.pages_present,
-        some.len() as u64,
-        "only faulted pages are installed: {r:?}"
+    // One more fault, on a page nobody touched, served after every turn of the
+    // handler's loop in which a background fill could have run.
+    let sync = (1, 3u64);
+    assert!(!some.contains(&sync));
+    assert!(vm.touch(&[sync], 1, &file_bytes(12)).is_empty());
+    wait_for(
+        "the handler to count every faulted page",
+        Duration::from_secs(10),
+        || stats.report().pages_present > some.len() as u64,
     );
-    assert!(r.all_present_after_s.is_none());
+    // The kernel's page tables: exactly the touched pages are there.
+    let mut touched = some.clone();
+    touched.push(sync);
+    touched.sort_unstable();
+    let mut present = Vec::new();
+    for (ri, r) in vm.regions().iter().enumerate() {
+        let pages = populated_pages(r).unwrap_or_else(|e| panic!("PAGEMAP_SCAN: {e}"));
+        present.extend(pages.into_iter().map(|p| (ri, p)));
+    }
+    let extra: Vec<_> = present
+        .iter()
+        .filter(|p| !touched.contains(p))
+        .take(10)
+        .collect();
+    let missing: Vec<_> = touched
+        .iter()
+        .filter(|p| !present.contains(p))
+        .take(10)
+        .collect();
+    assert!(
+        present == touched,
+        "only faulted pages are installed: {} present, {} touched; not touched: {extra:?}; \
+         touched but missing: {missing:?}",
+        present.len(),
+        touched.len()
+    );
+    let r = stats.report();
+    assert_eq!(r.pages_present, touched.len() as u64, "{r:?}");
+    assert!(r.all_present_after_s.is_none(), "{r:?}");
     shut_down(vm, handler);
 }
 
 // ---------------------------------------------------------------------------
-// 2. Remote mode
+// 2. Remote mode, and the child processes
 // ---------------------------------------------------------------------------
 
-/// A child process of this test binary, with its stdout read line by line.
-struct ChildProc {
-    child: Child,
-    lines: mpsc::Receiver<String>,
-}
+const ROLE_ENV: &str = "RF_FC_ROLE";
+const ARG_ENV: &str = "RF_FC_ARG";
 
-impl ChildProc {
-    fn spawn(role: &str, arg: &str) -> ChildProc {
-        let mut child = Command::new(std::env::current_exe().unwrap())
-            .args(["--exact", "child_entry", "--nocapture", "--test-threads=1"])
-            .env("RF_FC_ROLE", role)
-            .env("RF_FC_ARG", arg)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let out = child.stdout.take().unwrap();
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(out).lines() {
-                let Ok(line) = line else { break };
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        ChildProc { child, lines: rx }
-    }
-
-    /// Waits for a line containing `tag`; returns what follows it.
-    fn expect(&mut self, tag: &str, limit: Duration) -> String {
-        let deadline = Instant::now() + limit;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.lines.recv_timeout(left) {
-                Ok(l) => {
-                    if let Some(i) = l.find(tag) {
-                        return l[i + tag.len()..].trim().to_owned();
-                    }
-                }
-                Err(_) => {
-                    let _ = self.child.kill();
-                    let mut err = String::new();
-                    if let Some(mut e) = self.child.stderr.take() {
-                        let _ = e.read_to_string(&mut err);
-                    }
-                    panic!("child never printed {tag:?}; stderr: {err}");
-                }
-            }
-        }
-    }
-
-    /// Waits up to `limit` for the exit; returns (status, how long, stderr).
-    fn wait_exit(mut self, limit: Duration) -> (std::process::ExitStatus, Duration, String) {
-        let t0 = Instant::now();
-        loop {
-            if let Some(st) = self.child.try_wait().unwrap() {
-                let mut err = String::new();
-                if let Some(mut e) = self.child.stderr.take() {
-                    let _ = e.read_to_string(&mut err);
-                }
-                return (st, t0.elapsed(), err);
-            }
-            if t0.elapsed() > limit {
-                let _ = self.child.kill();
-                let _ = self.child.wait();
-                panic!("child did not exit within {limit:?}");
-            }
-            std::thread::sleep(Duration::from_millis(5));
-        }
-    }
+fn spawn_child(role: &str, arg: &str) -> ChildProc {
+    ChildProc::reexec("child_entry", &[(ROLE_ENV, role), (ARG_ENV, arg)])
 }
 
 /// Child processes: "Firecracker", the handler, and the remote source.
 #[test]
+#[ignore = "child-process entry point, run by other tests"]
 fn child_entry() {
-    let (Ok(role), Ok(arg)) = (std::env::var("RF_FC_ROLE"), std::env::var("RF_FC_ARG")) else {
+    let (Ok(role), Ok(arg)) = (std::env::var(ROLE_ENV), std::env::var(ARG_ENV)) else {
         return; // not a child
     };
     match role.as_str() {
@@ -494,62 +257,48 @@ fn child_entry() {
     }
 }
 
-/// The remote source: serves the memory file `arg` as Firecracker's two regions,
-/// each mapped from its offset in the file.
+/// The remote source: serves the memory file `arg` as Firecracker's two
+/// regions, each at its offset in the file.
 fn source_main(arg: &str) -> ! {
-    let file = File::open(arg).unwrap();
+    let file = File::open(arg).unwrap_or_else(|e| panic!("{arg}: {e}"));
     let mut offset = 0u64;
-    let regions: Vec<SourceRegion> = SIZES
+    let regions: Vec<FileRegion> = SIZES
         .iter()
         .enumerate()
         .map(|(i, &size)| {
-            let map = GuestMapping::map_file_at(&file, offset, size).unwrap();
+            let r = FileRegion {
+                id: i as u32,
+                offset,
+                size: size as u64,
+                page_size: PageSize::Size4K,
+            };
             offset += size as u64;
-            SourceRegion::from_file_mapping(i as u32 + 1, Arc::new(map)).unwrap()
+            r
         })
         .collect();
-    let key = PresharedKey::new(KEY.as_bytes().to_vec()).unwrap();
-    let source = Source::new(regions, SourceConfig::new(key)).unwrap();
-    let listener = PeerAddr::parse("tcp:127.0.0.1:0")
-        .unwrap()
-        .listen()
-        .unwrap();
-    println!("READY {}", listener.local_addr().unwrap());
-    let code = match source.serve(&listener) {
-        Ok(report) => {
-            println!("SOURCE OK released={}", report.released);
-            0
-        }
-        Err(e) => {
-            println!("SOURCE ERROR: {e}");
-            1
-        }
-    };
-    std::process::exit(code);
+    let source = Source::from_file(arg, file, regions, SourceConfig::new(key()))
+        .unwrap_or_else(|e| panic!("source: {}", error_chain(&e)));
+    serve_child_main(&source, "tcp:127.0.0.1:0")
 }
 
 /// The handler, as the CLI runs it: `arg` is `SOCKET;MEMORY_FILE`.
 fn handler_main(arg: &str) -> ! {
-    let (sock, mem) = arg.split_once(';').unwrap();
-    let file = File::open(mem).unwrap();
-    let listener = firecracker::listen(Path::new(sock)).unwrap();
+    let (sock, mem) = arg
+        .split_once(';')
+        .unwrap_or_else(|| panic!("bad handler argument {arg}"));
+    let file = File::open(mem).unwrap_or_else(|e| panic!("{mem}: {e}"));
+    let listener = firecracker::listen(Path::new(sock)).unwrap_or_else(|e| panic!("listen: {e}"));
     println!("LISTENING");
     let stats = Arc::new(HandlerStats::new("local"));
     let result = firecracker::accept(&listener)
-        .and_then(|hs| serve_local(hs, &file, LocalOptions::default(), stats));
+        .and_then(|hs| serve_local(hs, mem, file, LocalOptions::default(), stats));
     match result {
         Ok(ended) => {
             println!("HANDLER ENDED {ended:?}");
             std::process::exit(0);
         }
         Err(e) => {
-            let mut msg = e.to_string();
-            let mut src = std::error::Error::source(&e);
-            while let Some(s) = src {
-                msg.push_str(&format!(": {s}"));
-                src = s.source();
-            }
-            eprintln!("HANDLER ERROR: {msg}");
+            eprintln!("HANDLER ERROR: {}", error_chain(&e));
             std::process::exit(1);
         }
     }
@@ -558,10 +307,13 @@ fn handler_main(arg: &str) -> ! {
 /// "Firecracker" in its own process: boots, touches pages, then waits to be
 /// killed. `arg` is `SOCKET;SEED`.
 fn vm_main(arg: &str) -> ! {
-    let (sock, seed) = arg.split_once(';').unwrap();
-    let vm = FakeFirecracker::boot(Path::new(sock));
+    let (sock, seed) = arg
+        .split_once(';')
+        .unwrap_or_else(|| panic!("bad vm argument {arg}"));
+    let seed: u64 = seed.parse().unwrap_or_else(|e| panic!("seed {seed}: {e}"));
+    let vm = FakeVmm::boot(Path::new(sock), &SIZES);
     let pages: Vec<(usize, u64)> = all_pages().into_iter().take(2000).collect();
-    let bad = vm.touch(&pages, 2, &file_bytes(seed.parse().unwrap()));
+    let bad = vm.touch(&pages, 2, &file_bytes(seed));
     assert!(bad.is_empty(), "{bad:?}");
     println!("TOUCHED");
     loop {
@@ -569,26 +321,35 @@ fn vm_main(arg: &str) -> ! {
     }
 }
 
+/// Starts the remote source child on the memory file at `mem`.
+fn remote_source(mem: &Path) -> (ChildProc, PeerAddr) {
+    let mut source = spawn_child("source", &mem.display().to_string());
+    let addr = source.expect("READY ", Duration::from_secs(30));
+    let addr = PeerAddr::parse(&addr).unwrap_or_else(|e| panic!("{addr}: {e}"));
+    (source, addr)
+}
+
+/// Waits for the source child's report and checks that it was released.
+fn source_released(source: &mut ChildProc) {
+    let json = source.expect("SOURCE OK ", Duration::from_secs(10));
+    let report: serde_json::Value =
+        serde_json::from_str(&json).unwrap_or_else(|e| panic!("{json}: {e}"));
+    assert_eq!(report["released"], true, "{report}");
+    let (st, _) = source.wait_exit(Duration::from_secs(10));
+    assert!(st.success(), "{}", source.stderr());
+}
+
 #[test]
 fn remote_mode_every_page_matches_the_source() {
     let _g = serial();
-    let dir = TestDir::new("remote");
+    let dir = TestDir::new("fc-remote");
     let total: usize = SIZES.iter().sum();
     let mem = dir.path("mem");
     drop(write_memory_file(&mem, 21, total));
-    let mut source = ChildProc::spawn("source", mem.to_str().unwrap());
-    let addr = PeerAddr::parse(&source.expect("READY ", Duration::from_secs(30))).unwrap();
-
+    let (mut source, addr) = remote_source(&mem);
     let sock = dir.path("uffd.sock");
-    let listener = firecracker::listen(&sock).unwrap();
-    let stats = Arc::new(HandlerStats::new("remote"));
-    let st = stats.clone();
-    let handler = std::thread::spawn(move || {
-        let hs = firecracker::accept(&listener)?;
-        let cfg = DestinationConfig::new(PresharedKey::new(KEY.as_bytes().to_vec()).unwrap());
-        serve_remote(hs, &addr, cfg, st)
-    });
-    let vm = FakeFirecracker::boot(&sock);
+    let (stats, handler) = remote_handler(&sock, addr);
+    let vm = FakeVmm::boot(&sock, &SIZES);
     let bad = vm.touch(&all_pages(), 4, &file_bytes(21));
     assert!(
         bad.is_empty(),
@@ -601,10 +362,7 @@ fn remote_mode_every_page_matches_the_source() {
     eprintln!("{}", r.summary());
     assert!(r.faults > 0, "{r:?}");
     assert_eq!(r.pages_present, r.pages_total);
-    let released = source.expect("SOURCE OK ", Duration::from_secs(10));
-    assert_eq!(released, "released=true");
-    let (st, _, _) = source.wait_exit(Duration::from_secs(10));
-    assert!(st.success());
+    source_released(&mut source);
     // Pages still read right after the engine unregistered the regions.
     let bad = vm.touch(&all_pages(), 2, &file_bytes(21));
     assert!(bad.is_empty(), "after completion: {bad:?}");
@@ -627,16 +385,20 @@ fn balloon_during_background_fill() {
 
 fn balloon(background: bool) {
     let _g = serial();
-    let dir = TestDir::new(if background { "balloon-bg" } else { "balloon" });
+    let dir = TestDir::new(if background {
+        "fc-balloon-bg"
+    } else {
+        "fc-balloon"
+    });
     let total: usize = SIZES.iter().sum();
-    let file = write_memory_file(&dir.path("mem"), 31, total);
+    drop(write_memory_file(&dir.path("mem"), 31, total));
     let sock = dir.path("uffd.sock");
     let opts = LocalOptions {
         background,
         ..LocalOptions::default()
     };
-    let (stats, handler) = local_handler(&sock, file, opts);
-    let vm = FakeFirecracker::boot(&sock);
+    let (stats, handler) = local_handler(&sock, &dir.path("mem"), opts);
+    let vm = FakeVmm::boot(&sock, &SIZES);
 
     // First faults: the start of each region.
     let first: Vec<(usize, u64)> = (0..2)
@@ -666,16 +428,17 @@ fn balloon(background: bool) {
         .filter(|&(ri, p)| !is_removed(ri, p))
         .step_by(step)
         .collect();
-    let regions = &vm.regions;
     let vm_ref = &vm;
     std::thread::scope(|s| {
         let touching = s.spawn(|| vm_ref.touch(&others, 2, &file_bytes(31)));
         for &(ri, start, n) in &removed {
-            regions[ri]
-                .madvise_dontneed(start as usize * PAGE, n as usize * PAGE)
-                .unwrap();
+            vm_ref.regions()[ri]
+                .discard(start as usize * PAGE, n as usize * PAGE)
+                .unwrap_or_else(|e| panic!("MADV_DONTNEED: {e}"));
         }
-        let bad = touching.join().unwrap();
+        let bad = touching
+            .join()
+            .unwrap_or_else(|_| vec!["the vCPUs panicked".into()]);
         assert!(bad.is_empty(), "pages outside the balloon: {bad:?}");
     });
 
@@ -684,7 +447,7 @@ fn balloon(background: bool) {
         .iter()
         .flat_map(|&(ri, s, n)| (s..s + n).map(move |p| (ri, p)))
         .collect();
-    let bad = vm.touch(&gone, 3, &|_, _, out: &mut [u8]| out.fill(0));
+    let bad = vm.touch(&gone, 3, &zeros);
     assert!(bad.is_empty(), "removed pages must read zeros: {bad:?}");
     // And everything else is still the file's.
     let bad = vm.touch(&others, 2, &file_bytes(31));
@@ -692,54 +455,53 @@ fn balloon(background: bool) {
 
     // A range removed again, served (by the handler, or by the kernel once the
     // handler has unregistered the regions) with zeros again.
-    regions[0].madvise_dontneed(0, 64 * PAGE).unwrap();
-    let bad = vm.touch(
-        &(0..64u64).map(|p| (0, p)).collect::<Vec<_>>(),
-        1,
-        &|_, _, out: &mut [u8]| out.fill(0),
-    );
+    vm.regions()[0]
+        .discard(0, 64 * PAGE)
+        .unwrap_or_else(|e| panic!("MADV_DONTNEED: {e}"));
+    let bad = vm.touch(&(0..64u64).map(|p| (0, p)).collect::<Vec<_>>(), 1, &zeros);
     assert!(bad.is_empty(), "{bad:?}");
 
+    assert!(!handler.is_finished(), "the handler must still be serving");
     let r = stats.report();
     eprintln!("{}", r.summary());
-    assert!(r.removed_pages > 0, "{r:?}");
     if background {
         assert!(r.all_present_after_s.is_some(), "{r:?}");
-    } else {
+    }
+    assert!(
+        r.removed_pages > 0,
+        "the handler counts the pages REMOVE events took away: {r:?}"
+    );
+    if !background {
         // Every removed page was faulted again, and the handler served zeros.
         assert!(r.removed_faults >= gone.len() as u64, "{r:?}");
     }
-    assert!(!handler.is_finished(), "the handler must still be serving");
     shut_down(vm, handler);
 }
 
 #[test]
 fn local_mode_hugetlbfs_2mib_pages() {
-    use ringfault_engine::sys::mapping::PAGE_2M;
     let _g = serial();
     // Firecracker with `"huge_pages": "2M"`: hugetlbfs guest memory, 2 MiB pages.
-    let regions: Result<Vec<GuestMapping>, _> = SIZES
-        .iter()
-        .map(|&s| GuestMapping::anonymous(s, PAGE_2M, MapOptions::default()))
-        .collect();
-    let regions = match regions {
-        Ok(r) => r,
-        Err(e) => {
-            println!(
-                "SKIPPED local_mode_hugetlbfs_2mib_pages: needs {} free 2 MiB huge pages \
-                 (vm.nr_hugepages): {e}",
-                SIZES.iter().sum::<usize>() / PAGE_2M
-            );
-            return;
+    let memory = match FakeVmm::map(&SIZES, PAGE_2M) {
+        Ok(m) => m,
+        Err(e) => skip!(
+            "needs {} free 2 MiB huge pages (vm.nr_hugepages): {e}",
+            SIZES.iter().sum::<usize>() / PAGE_2M
+        ),
+    };
+    let dir = TestDir::new("fc-huge");
+    let total: usize = SIZES.iter().sum();
+    drop(write_memory_file(&dir.path("mem"), 13, total));
+    let sock = dir.path("uffd.sock");
+    let (stats, handler) = local_handler(&sock, &dir.path("mem"), LocalOptions::default());
+    let vm = FakeVmm::boot_with(&sock, memory, Handover::Real, true);
+    // Whole 2 MiB pages, compared with the file's 4 KiB pages they hold.
+    let huge_bytes = |ri: usize, p: u64, out: &mut [u8]| {
+        for (k, chunk) in out.chunks_exact_mut(PAGE).enumerate() {
+            file_bytes(13)(ri, p * (PAGE_2M / PAGE) as u64 + k as u64, chunk);
         }
     };
-    let dir = TestDir::new("huge");
-    let total: usize = SIZES.iter().sum();
-    let file = write_memory_file(&dir.path("mem"), 13, total);
-    let sock = dir.path("uffd.sock");
-    let (stats, handler) = local_handler(&sock, file, LocalOptions::default());
-    let vm = FakeFirecracker::hand_over(&sock, regions, Message::Real, true);
-    let bad = vm.touch(&all_pages(), 4, &file_bytes(13));
+    let bad = vm.touch(&vm.all_pages(), 4, &huge_bytes);
     assert!(bad.is_empty(), "pages differ from the memory file: {bad:?}");
     wait_for("every page present", Duration::from_secs(30), || {
         stats.all_present_after().is_some()
@@ -757,22 +519,14 @@ fn local_mode_hugetlbfs_2mib_pages() {
 #[test]
 fn remote_mode_balloon_during_the_migration() {
     let _g = serial();
-    let dir = TestDir::new("remote-balloon");
+    let dir = TestDir::new("fc-remote-balloon");
     let total: usize = SIZES.iter().sum();
     let mem = dir.path("mem");
     drop(write_memory_file(&mem, 22, total));
-    let mut source = ChildProc::spawn("source", mem.to_str().unwrap());
-    let addr = PeerAddr::parse(&source.expect("READY ", Duration::from_secs(30))).unwrap();
+    let (mut source, addr) = remote_source(&mem);
     let sock = dir.path("uffd.sock");
-    let listener = firecracker::listen(&sock).unwrap();
-    let stats = Arc::new(HandlerStats::new("remote"));
-    let st = stats.clone();
-    let handler = std::thread::spawn(move || {
-        let hs = firecracker::accept(&listener)?;
-        let cfg = DestinationConfig::new(PresharedKey::new(KEY.as_bytes().to_vec()).unwrap());
-        serve_remote(hs, &addr, cfg, st)
-    });
-    let vm = FakeFirecracker::boot(&sock);
+    let (stats, handler) = remote_handler(&sock, addr);
+    let vm = FakeVmm::boot(&sock, &SIZES);
     // The balloon inflates at once, while pages stream in and "vCPUs" fault.
     let removed: Vec<(usize, u64, u64)> = (0..32u64)
         .map(|i| {
@@ -794,11 +548,13 @@ fn remote_mode_balloon_during_the_migration() {
     std::thread::scope(|s| {
         let touching = s.spawn(|| vm_ref.touch(&others, 2, &file_bytes(22)));
         for &(ri, start, n) in &removed {
-            vm_ref.regions[ri]
-                .madvise_dontneed(start as usize * PAGE, n as usize * PAGE)
-                .unwrap();
+            vm_ref.regions()[ri]
+                .discard(start as usize * PAGE, n as usize * PAGE)
+                .unwrap_or_else(|e| panic!("MADV_DONTNEED: {e}"));
         }
-        let bad = touching.join().unwrap();
+        let bad = touching
+            .join()
+            .unwrap_or_else(|_| vec!["the vCPUs panicked".into()]);
         assert!(bad.is_empty(), "pages outside the balloon: {bad:?}");
     });
     let gone: Vec<(usize, u64)> = removed
@@ -808,14 +564,12 @@ fn remote_mode_balloon_during_the_migration() {
     wait_for("the migration to complete", Duration::from_secs(60), || {
         stats.all_present_after().is_some()
     });
-    let bad = vm.touch(&gone, 2, &|_, _, out: &mut [u8]| out.fill(0));
+    let bad = vm.touch(&gone, 2, &zeros);
     assert!(bad.is_empty(), "removed pages must read zeros: {bad:?}");
     let bad = vm.touch(&others, 2, &file_bytes(22));
     assert!(bad.is_empty(), "{bad:?}");
     eprintln!("{}", stats.report().summary());
-    let released = source.expect("SOURCE OK ", Duration::from_secs(10));
-    assert_eq!(released, "released=true");
-    let _ = source.wait_exit(Duration::from_secs(10));
+    source_released(&mut source);
     shut_down(vm, handler);
 }
 
@@ -826,19 +580,22 @@ fn remote_mode_balloon_during_the_migration() {
 #[test]
 fn killing_firecracker_makes_the_handler_exit_0_within_1s() {
     let _g = serial();
-    let dir = TestDir::new("kill");
+    let dir = TestDir::new("fc-kill");
     let total: usize = SIZES.iter().sum();
     let mem = dir.path("mem");
     drop(write_memory_file(&mem, 41, total));
     let sock = dir.path("uffd.sock");
-    let mut handler = ChildProc::spawn("handler", &format!("{};{}", sock.display(), mem.display()));
+    let mut handler = spawn_child("handler", &format!("{};{}", sock.display(), mem.display()));
     handler.expect("LISTENING", Duration::from_secs(30));
-    let mut vm = ChildProc::spawn("vm", &format!("{};41", sock.display()));
+    let mut vm = spawn_child("vm", &format!("{};41", sock.display()));
     vm.expect("TOUCHED", Duration::from_secs(30));
-    vm.child.kill().unwrap();
-    vm.child.wait().unwrap();
-    let (status, took, stderr) = handler.wait_exit(Duration::from_secs(5));
-    assert!(status.success(), "handler exit {status:?}: {stderr}");
+    vm.kill();
+    let (status, took) = handler.wait_exit(Duration::from_secs(5));
+    assert!(
+        status.success(),
+        "handler exit {status:?}: {}",
+        handler.stderr()
+    );
     assert!(
         took < Duration::from_secs(1),
         "the handler took {took:?} to exit"
@@ -847,17 +604,19 @@ fn killing_firecracker_makes_the_handler_exit_0_within_1s() {
 }
 
 /// Starts a handler child, plays a Firecracker that sends `msg`, and returns the
-/// handler's stderr after checking it failed cleanly (exit 1, no panic).
-fn bad_input(name: &str, file_len: usize, msg: Message, send_uffd: bool) -> String {
+/// handler's error line after checking it failed cleanly (exit 1, no panic).
+fn bad_input(name: &str, file_len: usize, msg: Handover, send_uffd: bool) -> String {
     let dir = TestDir::new(name);
     let mem = dir.path("mem");
     drop(write_memory_file(&mem, 51, file_len));
     let sock = dir.path("uffd.sock");
-    let mut handler = ChildProc::spawn("handler", &format!("{};{}", sock.display(), mem.display()));
+    let mut handler = spawn_child("handler", &format!("{};{}", sock.display(), mem.display()));
     handler.expect("LISTENING", Duration::from_secs(30));
-    let vm = FakeFirecracker::boot_with(&sock, msg, send_uffd);
-    let (status, _, stderr) = handler.wait_exit(Duration::from_secs(5));
+    let memory = FakeVmm::map(&SIZES, PAGE).unwrap_or_else(|e| panic!("guest memory: {e}"));
+    let vm = FakeVmm::boot_with(&sock, memory, msg, send_uffd);
+    let (status, _) = handler.wait_exit(Duration::from_secs(5));
     drop(vm);
+    let stderr = handler.stderr();
     assert_eq!(status.code(), Some(1), "a clean failure: {stderr}");
     assert!(!stderr.contains("panicked"), "no panic: {stderr}");
     let line = stderr
@@ -874,9 +633,9 @@ fn malformed_json_is_a_clear_error() {
     let _g = serial();
     let total: usize = SIZES.iter().sum();
     let line = bad_input(
-        "badjson",
+        "fc-badjson",
         total,
-        Message::Raw(r#"[{"base_host_virt_addr": "not a number"}]"#.into()),
+        Handover::Raw(r#"[{"base_host_virt_addr": "not a number"}]"#.into()),
         true,
     );
     assert!(
@@ -889,7 +648,7 @@ fn malformed_json_is_a_clear_error() {
 fn a_missing_uffd_is_a_clear_error() {
     let _g = serial();
     let total: usize = SIZES.iter().sum();
-    let line = bad_input("nofd", total, Message::Real, false);
+    let line = bad_input("fc-nofd", total, Handover::Real, false);
     assert!(line.contains("carried no userfaultfd"), "{line}");
 }
 
@@ -898,7 +657,7 @@ fn a_region_larger_than_the_memory_file_is_a_clear_error() {
     let _g = serial();
     // The file holds the first region and half of the second.
     let short = SIZES[0] + SIZES[1] / 2;
-    let line = bad_input("short", short, Message::Real, true);
+    let line = bad_input("fc-short", short, Handover::Real, true);
     assert!(line.contains("region 1 needs file bytes"), "{line}");
     assert!(line.contains("memory file has only"), "{line}");
 }
@@ -907,12 +666,12 @@ fn a_region_larger_than_the_memory_file_is_a_clear_error() {
 // Fault latency as a vCPU sees it (a measurement, not a check)
 // ---------------------------------------------------------------------------
 
-/// `cargo test --release -p ringfault-engine --test firecracker -- --ignored --nocapture`
+/// `cargo test --release -p ringfault-engine --test firecracker -- --ignored --exact local_mode_fault_latency --nocapture`
 #[test]
 #[ignore = "measurement: run in release with --ignored --nocapture"]
 fn local_mode_fault_latency() {
     let _g = serial();
-    let dir = TestDir::new("latency");
+    let dir = TestDir::new("fc-latency");
     let sizes = [192 * MIB, 64 * MIB];
     let total: usize = sizes.iter().sum();
     let mem = dir.path("mem");
@@ -930,17 +689,12 @@ fn local_mode_fault_latency() {
             background_run_bytes: run.max(PAGE),
             ..LocalOptions::default()
         };
-        let (stats, handler) = local_handler(&sock, File::open(&mem).unwrap(), opts);
-        let regions: Vec<GuestMapping> = sizes
-            .iter()
-            .map(|&s| GuestMapping::anonymous(s, PAGE, MapOptions::default()).unwrap())
-            .collect();
-        let vm = FakeFirecracker::hand_over(&sock, regions, Message::Real, true);
+        let (stats, handler) = local_handler(&sock, &mem, opts);
+        let vm = FakeVmm::boot(&sock, &sizes);
         // One "vCPU" touches random pages until every page is present (or it has
         // touched 20000): the reads that waited are its faults.
         let mut x = 0x1234_5678u64;
         let mut waits = Vec::new();
-        let mut b = [0u8; 8];
         let t0 = Instant::now();
         for _ in 0..20_000 {
             if stats.all_present_after().is_some() {
@@ -951,8 +705,10 @@ fn local_mode_fault_latency() {
             let ri = usize::from(x.is_multiple_of(4));
             let p = (x >> 8) as usize % (sizes[ri] / PAGE);
             let t = Instant::now();
-            vm.regions[ri].read_page_into(p * PAGE, &mut b).unwrap();
-            std::hint::black_box(&b);
+            let v = vm.regions()[ri]
+                .load_u64(p * PAGE)
+                .unwrap_or_else(|e| panic!("guest load: {e}"));
+            std::hint::black_box(v);
             let ns = t.elapsed().as_nanos() as u64;
             if ns > 2_000 {
                 waits.push(ns);

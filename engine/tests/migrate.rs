@@ -2,9 +2,6 @@
 //! process, the destination here, over TCP on loopback, while two threads read and
 //! write random guest pages on the destination from the first instant.
 
-mod common;
-
-use common::*;
 use ringfault_engine::destination::AttachedRegion;
 use ringfault_engine::sys::guest::{GuestMemory, RegionSpec};
 use ringfault_engine::sys::mapping::MapOptions;
@@ -12,11 +9,14 @@ use ringfault_engine::sys::pagemap::{Query, Scanner};
 use ringfault_engine::sys::uffd::{Features, RegisterMode, Uffd, UffdOptions};
 use ringfault_engine::{Destination, DestinationConfig, EngineError, InstallMode, Protection};
 use ringfault_proto::auth::PresharedKey;
+use ringfault_testkit::{
+    env_u64, error_chain, require, serial, source_child_main, verify, SourceChild, VmSpec,
+    Workload, KEY_A, KEY_B, MIB, PAGE,
+};
 
-const MIB: usize = 1 << 20;
-
-/// The child-process entry: does nothing unless started by `SourceChild::spawn`.
+/// The source child's entry point: does nothing unless started by `SourceChild`.
 #[test]
+#[ignore = "child-process entry point, run by other tests"]
 fn source_child() {
     source_child_main();
 }
@@ -34,7 +34,12 @@ struct Case {
 fn migrate(case: Case) -> ringfault_engine::stats::DestinationReport {
     let _g = serial();
     let listen = case.listen.as_deref().unwrap_or("tcp:127.0.0.1:0");
-    let src = SourceChild::spawn_with("source_child", &case.spec, KEY_A, listen, case.zero_copy);
+    let protection = if case.zero_copy {
+        Protection::None
+    } else {
+        Protection::Mac
+    };
+    let src = SourceChild::spawn_with("source_child", &case.spec, KEY_A, listen, protection);
     let mut cfg = DestinationConfig::new(PresharedKey::new(KEY_A.to_vec()).unwrap());
     cfg.bulk_channels = case.channels;
     cfg.install = case.install;
@@ -50,7 +55,9 @@ fn migrate(case: Case) -> ringfault_engine::stats::DestinationReport {
     let dest = Destination::connect(&src.addr, cfg).expect("connect");
     let mem = dest.memory().expect("own memory");
     let workload = Workload::start(&case.spec, mem.clone(), 2);
-    let report = dest.run().expect("migration");
+    let report = dest
+        .run()
+        .unwrap_or_else(|e| panic!("migration: {}", error_chain(&e)));
     // A short tail with every page present.
     std::thread::sleep(std::time::Duration::from_millis(100));
     let results = workload.stop();
@@ -66,10 +73,7 @@ fn migrate(case: Case) -> ringfault_engine::stats::DestinationReport {
     }
     let bad = verify(&case.spec, &mem, &results);
     assert!(bad.is_empty(), "destination memory differs: {bad:#?}");
-    assert_eq!(
-        report.pages_total,
-        (case.spec.region_sizes.iter().sum::<usize>() / PAGE) as u64
-    );
+    assert_eq!(report.pages_total, case.spec.total_pages());
     assert!(
         report.faults > 0,
         "the workload must have faulted: {report:#?}"
@@ -89,11 +93,7 @@ fn migrate(case: Case) -> ringfault_engine::stats::DestinationReport {
 }
 
 fn dense(size: usize, seed: u64) -> VmSpec {
-    VmSpec {
-        seed,
-        region_sizes: vec![size],
-        populated_permille: 1000,
-    }
+    VmSpec::dense(size, seed)
 }
 
 #[test]
@@ -130,13 +130,12 @@ fn four_channels_copy() {
 
 #[test]
 fn move_install() {
-    if !Uffd::probe()
-        .map(|f| f.contains(Features::MOVE))
-        .unwrap_or(false)
-    {
-        eprintln!("SKIPPED move_install: this kernel has no UFFDIO_MOVE (needs Linux 6.8)");
-        return;
-    }
+    require!(
+        Uffd::probe()
+            .map(|f| f.contains(Features::MOVE))
+            .unwrap_or(false),
+        "this kernel has no UFFDIO_MOVE (needs Linux 6.8)"
+    );
     migrate(Case {
         spec: dense(256 * MIB, 3),
         channels: 1,
@@ -232,7 +231,10 @@ fn wrong_key_fails_on_both_sides_and_installs_nothing() {
         .unwrap()
         .scan(m.addr(), m.addr() + m.len(), Query::Populated)
         .unwrap();
-    assert!(populated.is_empty(), "no page may be installed: {populated:?}");
+    assert!(
+        populated.is_empty(),
+        "no page may be installed: {populated:?}"
+    );
     // The source refused the stranger and goes on serving: the right key works.
     let mut cfg = DestinationConfig::new(PresharedKey::new(KEY_A.to_vec()).unwrap());
     cfg.bulk_channels = 1;

@@ -1,149 +1,422 @@
-//! io_uring against the real kernel: READ_FIXED, RECV, POLL_ADD, and `push`
-//! submitting when the submission queue is full.
+//! io_uring against the real kernel: the opcode probe and its test hook, a
+//! stream ring that delivers a byte stream contiguously across its wrap-around,
+//! vectored sends from the ring's own buffer and from guest memory, multishot
+//! polls, and submission when the queue is full.
+
+// Test code: byte offsets of a few hundred KiB fit every integer type here.
+#![allow(clippy::cast_possible_truncation)]
 
 use std::error::Error;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::os::fd::AsFd;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
-use io_uring::{opcode, types};
-use ringfault_engine::sys::mapping::AlignedBuf;
-use ringfault_engine::sys::ring::{Op, Ring, RingFeatures};
+use ringfault_engine::sys::bufring::StreamRing;
+use ringfault_engine::sys::guest::{GuestMemory, RegionSpec};
+use ringfault_engine::sys::mapping::MapOptions;
+use ringfault_engine::sys::notify::Notifier;
+use ringfault_engine::sys::ring::{Event, Op, Opcodes, Piece, Ring, RingError, HIDE_OPCODES_ENV};
+use ringfault_engine::{
+    Destination, DestinationConfig, EngineError, PeerAddr, Source, SourceConfig,
+};
+use ringfault_proto::auth::PresharedKey;
+use ringfault_testkit::{error_chain, mix, require, skip, ChildProc, KEY_A, PAGE};
 
 type TestResult = Result<(), Box<dyn Error>>;
 
-fn socketpair() -> Result<(OwnedFd, OwnedFd), Box<dyn Error>> {
-    let mut fds = [0; 2];
-    // SAFETY: `fds` has room for the two descriptors socketpair writes.
-    let r = unsafe {
-        libc::socketpair(
-            libc::AF_UNIX,
-            libc::SOCK_STREAM | libc::SOCK_CLOEXEC,
-            0,
-            fds.as_mut_ptr(),
-        )
-    };
-    if r < 0 {
-        return Err(std::io::Error::last_os_error().into());
-    }
-    // SAFETY: socketpair just returned these fds; we own them.
-    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+/// A connected pair of loopback TCP sockets, as the engine's lanes are.
+fn tcp_pair() -> Result<(TcpStream, TcpStream), Box<dyn Error>> {
+    let l = TcpListener::bind("127.0.0.1:0")?;
+    let a = TcpStream::connect(l.local_addr()?)?;
+    let (b, _) = l.accept()?;
+    a.set_nodelay(true)?;
+    Ok((a, b))
 }
 
-fn write_all(fd: &OwnedFd, data: &[u8]) -> TestResult {
-    // SAFETY: `data` is readable for its length.
-    let n = unsafe { libc::write(fd.as_raw_fd(), data.as_ptr().cast(), data.len()) };
-    if usize::try_from(n).ok() != Some(data.len()) {
-        return Err(format!("short write: {n}").into());
-    }
-    Ok(())
+/// Byte `at` of the test stream.
+fn stream_byte(at: usize) -> u8 {
+    (mix(at as u64 / 8) >> ((at % 8) * 8)) as u8
 }
 
-fn need(features: &RingFeatures, ops: &[Op]) -> bool {
-    for &op in ops {
-        if let Err(e) = features.require(op) {
-            println!("SKIP: {e}");
-            return false;
-        }
-    }
-    true
+/// Submits, waits up to 100 ms, and collects what completed.
+fn turn(ring: &mut Ring, out: &mut Vec<Event>) -> Result<(), RingError> {
+    ring.submit_and_wait(Some(Duration::from_millis(100)))?;
+    ring.events(out)
 }
 
-#[test]
-fn read_fixed_and_recv_from_socketpair() -> TestResult {
-    let mut ring = Ring::new(8)?;
-    let features = ring.probe();
-    if !need(&features, &[Op::ReadFixed, Op::Recv]) {
-        return Ok(());
-    }
-    let (a, b) = socketpair()?;
-    let mut bufs = vec![AlignedBuf::new(4096)?, AlignedBuf::new(4096)?];
-    // SAFETY: `bufs` outlives the ring's use of them: both live to the end of
-    // the test, after the last completion is reaped.
-    unsafe { ring.register_buffers(&bufs)? };
-
-    write_all(&a, b"fixed read")?;
-    let ptr0 = bufs[0].as_mut_ptr();
-    let read = opcode::ReadFixed::new(types::Fd(b.as_raw_fd()), ptr0, 4096, 0)
-        .build()
-        .user_data(1);
-    // SAFETY: buffer 0 is registered and alive, and no slice of it is used
-    // until the completion is reaped; `b` outlives the operation.
-    unsafe { ring.push(read)? };
-    ring.submit_and_wait(1)?;
-    let done: Vec<_> = ring.completions().collect();
-    assert_eq!(done, vec![(1, 10)]);
-    assert_eq!(&bufs[0].as_slice()[..10], b"fixed read");
-
-    write_all(&a, b"recv")?;
-    let ptr1 = bufs[1].as_mut_ptr();
-    let recv = opcode::Recv::new(types::Fd(b.as_raw_fd()), ptr1, 4096)
-        .build()
-        .user_data(2);
-    // SAFETY: as above, for buffer 1.
-    unsafe { ring.push(recv)? };
-    ring.submit_and_wait(1)?;
-    let done: Vec<_> = ring.completions().collect();
-    assert_eq!(done, vec![(2, 4)]);
-    assert_eq!(&bufs[1].as_slice()[..4], b"recv");
-    ring.unregister_buffers()?;
-    Ok(())
-}
-
-#[test]
-fn poll_add_on_eventfd() -> TestResult {
-    let mut ring = Ring::new(4)?;
-    if !need(&ring.probe(), &[Op::PollAdd]) {
-        return Ok(());
-    }
-    // SAFETY: eventfd takes two ints and touches no memory.
-    let efd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
-    if efd < 0 {
-        return Err(std::io::Error::last_os_error().into());
-    }
-    // SAFETY: eventfd just returned this fd; we own it.
-    let efd = unsafe { OwnedFd::from_raw_fd(efd) };
-    let poll = opcode::PollAdd::new(
-        types::Fd(efd.as_raw_fd()),
-        u32::from(libc::POLLIN.unsigned_abs()),
-    )
-    .build()
-    .user_data(3);
-    // SAFETY: the eventfd outlives the operation.
-    unsafe { ring.push(poll)? };
-    ring.submit()?;
-    assert_eq!(ring.completions().count(), 0, "not readable yet");
-    write_all(&efd, &1u64.to_ne_bytes())?;
-    ring.submit_and_wait(1)?;
-    let done: Vec<_> = ring.completions().collect();
-    assert_eq!(done.len(), 1);
-    assert_eq!(done[0].0, 3);
-    assert_ne!(done[0].1 & i32::from(libc::POLLIN), 0);
-    Ok(())
-}
-
-#[test]
-fn push_submits_when_the_queue_is_full() -> TestResult {
-    let mut ring = Ring::new(4)?;
-    for i in 0..7u64 {
-        // SAFETY: NOP names no buffer or fd.
-        unsafe { ring.push(opcode::Nop::new().build().user_data(i))? };
-    }
-    ring.submit_and_wait(3)?;
-    let mut seen: Vec<u64> = ring
-        .completions()
-        .map(|(u, r)| {
-            assert_eq!(r, 0);
-            u
-        })
-        .collect();
-    seen.sort_unstable();
-    assert_eq!(seen, (0..7).collect::<Vec<_>>());
-    Ok(())
-}
+// ---------------------------------------------------------------------------
+// The opcode probe
+// ---------------------------------------------------------------------------
 
 #[test]
 fn probe_reports_this_kernel() -> TestResult {
-    let f = RingFeatures::detect()?;
-    println!("io_uring opcodes: {f:?}");
-    assert!(f.nop && f.read_fixed && f.poll_add, "Linux 5.1 basics");
+    let o = Opcodes::probe()?;
+    for op in [Op::Nop, Op::PollAdd, Op::Read, Op::Send, Op::SendMsg] {
+        assert!(o.has(op), "{} is Linux 5.6 or older: {o:?}", op.name());
+    }
+    assert!(o.require(&[Op::Nop, Op::PollAdd]).is_ok());
+    Ok(())
+}
+
+const HIDDEN_ENTRY: &str = "hidden_opcode_child";
+const HIDDEN_ROLE_ENV: &str = "RF_RING_TEST_CHILD";
+
+/// Runs with `RINGFAULT_HIDE_OPCODES=READ_MULTISHOT`, which the probe reads
+/// when it runs: a child process, so that no other test of this binary sees
+/// the hidden opcode.
+#[test]
+#[ignore = "child-process entry point, run by other tests"]
+fn hidden_opcode_child() {
+    if std::env::var(HIDDEN_ROLE_ENV).is_err() {
+        return;
+    }
+    let o = Opcodes::probe().unwrap_or_else(|e| panic!("probe: {e}"));
+    assert!(
+        !o.has(Op::ReadMultishot),
+        "the hook hides READ_MULTISHOT: {o:?}"
+    );
+    assert!(o.has(Op::Recv), "and nothing else: {o:?}");
+    match Opcodes::require_engine() {
+        Err(RingError::Unsupported { opcode, needs }) => {
+            assert_eq!((opcode, needs), ("READ_MULTISHOT", "Linux 6.7"));
+        }
+        other => panic!("the engine's check must name READ_MULTISHOT: {other:?}"),
+    }
+
+    // A destination refuses to start, before it connects anywhere.
+    let key = || PresharedKey::new(KEY_A.to_vec()).unwrap_or_else(|e| panic!("key: {e}"));
+    let mut cfg = DestinationConfig::new(key());
+    cfg.connect_patience = Duration::ZERO;
+    let nowhere = PeerAddr::parse("tcp:127.0.0.1:9").unwrap_or_else(|e| panic!("{e}"));
+    let err = Destination::connect(&nowhere, cfg).expect_err("READ_MULTISHOT is missing");
+    assert!(
+        matches!(
+            err,
+            EngineError::Ring(RingError::Unsupported {
+                opcode: "READ_MULTISHOT",
+                needs: "Linux 6.7"
+            })
+        ),
+        "{err:?}"
+    );
+    let text = error_chain(&err);
+    assert!(
+        text.contains("READ_MULTISHOT") && text.contains("Linux 6.7"),
+        "the message names the opcode and the kernel: {text}"
+    );
+
+    // So does a source.
+    let mem = GuestMemory::anonymous(
+        &[RegionSpec {
+            id: 1,
+            size: PAGE,
+            page_size: PAGE,
+        }],
+        MapOptions::default(),
+    )
+    .unwrap_or_else(|e| panic!("memory: {e}"));
+    let source = Source::from_memory(Arc::new(mem), SourceConfig::new(key()))
+        .unwrap_or_else(|e| panic!("source: {e}"));
+    let listener = PeerAddr::parse("tcp:127.0.0.1:0")
+        .and_then(|a| a.listen())
+        .unwrap_or_else(|e| panic!("listen: {e}"));
+    let serr = source
+        .serve(&listener)
+        .expect_err("READ_MULTISHOT is missing");
+    assert!(
+        matches!(
+            serr,
+            EngineError::Ring(RingError::Unsupported {
+                opcode: "READ_MULTISHOT",
+                ..
+            })
+        ),
+        "{serr:?}"
+    );
+    println!("HIDDEN OK {text}");
+}
+
+#[test]
+fn a_hidden_opcode_is_named_by_the_probe_and_refused_by_both_ends() -> TestResult {
+    require!(
+        Opcodes::probe()?.has(Op::ReadMultishot),
+        "this kernel has no READ_MULTISHOT (needs Linux 6.7), so there is nothing to hide"
+    );
+    let mut child = ChildProc::reexec(
+        HIDDEN_ENTRY,
+        &[(HIDDEN_ROLE_ENV, "1"), (HIDE_OPCODES_ENV, "READ_MULTISHOT")],
+    );
+    let text = child.expect("HIDDEN OK ", Duration::from_secs(30));
+    let (status, _) = child.wait_exit(Duration::from_secs(30));
+    assert!(status.success(), "the child's checks: {}", child.stderr());
+    assert!(text.contains("READ_MULTISHOT"), "{text}");
+    // The hook is the child's alone: this process still has the opcode.
+    assert!(Opcodes::probe()?.has(Op::ReadMultishot));
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------
+// Stream rings
+// ---------------------------------------------------------------------------
+
+#[test]
+fn a_stream_ring_delivers_bytes_contiguously_across_its_wrap() -> TestResult {
+    require!(
+        Opcodes::probe()?.has(Op::Recv),
+        "no multishot RECV (needs Linux 6.0)"
+    );
+    let (mut tx, rx) = tcp_pair()?;
+    let mut ring = Ring::new(64)?;
+    // Four 4 KiB segments, mirrored: 16 KiB of ring.
+    let sr = StreamRing::new(4096, 4, false)?;
+    assert!(sr.mirrored());
+    let size = sr.size();
+    let sid = match ring.add_stream(sr) {
+        Ok(id) => id,
+        Err(RingError::Unsupported { opcode, needs }) => skip!("{opcode} needs {needs}"),
+        Err(e) => return Err(e.into()),
+    };
+    ring.recv_multishot(rx.as_fd(), sid, 7)?;
+    // More than twice the ring, in odd-sized writes.
+    let total = 7 * size + 1237;
+    let writer = std::thread::spawn(move || -> std::io::Result<()> {
+        let (mut at, mut k) = (0usize, 0u64);
+        while at < total {
+            k = mix(k + 1);
+            let n = (1 + (k % 3001) as usize).min(total - at);
+            let chunk: Vec<u8> = (at..at + n).map(stream_byte).collect();
+            tx.write_all(&chunk)?;
+            at += n;
+        }
+        Ok(())
+    });
+    // The consumer takes odd-sized bites (a frame at a time: it waits until a
+    // whole bite is there), so that bites straddle the wrap at positions that
+    // do not depend on how the kernel split the stream. None is larger than a
+    // segment plus one byte, so that at least two segments stay posted.
+    let bites = [1usize, 7, 4095, 4096, 4097, 1000, 13];
+    let (mut pos, mut nbite, mut straddled) = (0usize, 0usize, 0usize);
+    let (mut rearms, mut eof) = (0, false);
+    let mut events = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while pos < total {
+        assert!(
+            Instant::now() < deadline,
+            "stalled at byte {pos} of {total}"
+        );
+        turn(&mut ring, &mut events)?;
+        let mut rearm = false;
+        for ev in events.drain(..) {
+            match ev {
+                Event::Received { token: 7, .. } => {}
+                Event::ReceiveEnded {
+                    token: 7, result, ..
+                } => match result {
+                    Ok(false) => rearm = true,
+                    Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) => rearm = true,
+                    Ok(true) => eof = true,
+                    Err(e) => return Err(e.into()),
+                },
+                other => return Err(format!("unexpected {other:?}").into()),
+            }
+        }
+        let s = ring.stream_mut(sid);
+        while s.available() >= bites[nbite % bites.len()] || (eof && s.available() > 0) {
+            assert_eq!(s.position(), pos as u64);
+            let avail = s.available();
+            let bytes = s.readable();
+            assert_eq!(bytes.len(), avail, "a mirrored ring is contiguous");
+            let bite = avail.min(bites[nbite % bites.len()]);
+            nbite += 1;
+            for (i, &b) in bytes[..bite].iter().enumerate() {
+                if b != stream_byte(pos + i) {
+                    return Err(format!(
+                        "byte {} is {b:#x}, the stream has {:#x}",
+                        pos + i,
+                        stream_byte(pos + i)
+                    )
+                    .into());
+                }
+            }
+            if pos % size + bite > size {
+                straddled += 1;
+            }
+            s.consume(bite);
+            pos += bite;
+        }
+        if eof && pos < total {
+            return Err(format!("end of stream at byte {pos} of {total}").into());
+        }
+        // The consumer keeps up: receives stay posted ahead of it.
+        assert!(
+            s.in_flight() >= 2,
+            "{} receive buffers posted after consuming",
+            s.in_flight()
+        );
+        if rearm {
+            rearms += 1;
+            ring.recv_multishot(rx.as_fd(), sid, 7)?;
+        }
+    }
+    writer.join().map_err(|_| "writer panicked")??;
+    assert!(straddled > 0, "some bites crossed the wrap");
+    eprintln!("{total} bytes through a {size}-byte ring; {straddled} reads across the wrap, {rearms} re-arms");
+    Ok(())
+}
+
+#[test]
+fn vectored_sends_join_own_bytes_and_guest_memory_in_order() -> TestResult {
+    let (a, mut b) = tcp_pair()?;
+    let mem = GuestMemory::anonymous(
+        &[
+            RegionSpec {
+                id: 1,
+                size: 4 * PAGE,
+                page_size: PAGE,
+            },
+            RegionSpec {
+                id: 2,
+                size: 2 * PAGE,
+                page_size: PAGE,
+            },
+        ],
+        MapOptions::default(),
+    )?;
+    for (ri, r) in mem.regions().iter().enumerate() {
+        let bytes: Vec<u8> = (0..r.len())
+            .map(|i| stream_byte(i + ri * 100_000))
+            .collect();
+        r.write(0, &bytes)?;
+    }
+    let mem = Arc::new(mem);
+    let own = b"HEADER-A|trailer|".to_vec();
+    let pieces = [
+        Piece::Own { start: 0, end: 9 },
+        Piece::Guest {
+            region: 0,
+            offset: 100,
+            len: 5000,
+        },
+        Piece::Own { start: 9, end: 17 },
+        Piece::Guest {
+            region: 1,
+            offset: PAGE,
+            len: PAGE,
+        },
+    ];
+    let mut want = own[..9].to_vec();
+    want.extend((100..5100).map(stream_byte));
+    want.extend_from_slice(&own[9..17]);
+    want.extend((PAGE..2 * PAGE).map(|i| stream_byte(i + 100_000)));
+
+    let mut ring = Ring::new(8)?;
+    ring.send_vectored(a.as_fd(), Some(&mem), own.clone(), &pieces, 9)?;
+    let expected = want.len();
+    let reader = std::thread::spawn(move || -> std::io::Result<Vec<u8>> {
+        let mut got = vec![0u8; expected];
+        b.read_exact(&mut got)?;
+        Ok(got)
+    });
+    let mut events = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let sent = loop {
+        assert!(Instant::now() < deadline, "the send never completed");
+        turn(&mut ring, &mut events)?;
+        if let Some(Event::Sent { token, result, buf }) = events.pop() {
+            assert_eq!(token, 9);
+            assert_eq!(buf, own, "the buffer comes back for reuse");
+            break result?;
+        }
+    };
+    assert_eq!(sent, want.len());
+    let got = reader.join().map_err(|_| "reader panicked")??;
+    assert!(got == want, "the bytes arrive in piece order");
+
+    // Pieces outside their buffers are refused before anything is sent.
+    for bad in [
+        Piece::Own { start: 10, end: 18 },
+        Piece::Guest {
+            region: 1,
+            offset: PAGE + 1,
+            len: PAGE,
+        },
+        Piece::Guest {
+            region: 2,
+            offset: 0,
+            len: 1,
+        },
+    ] {
+        let r = ring.send_vectored(a.as_fd(), Some(&mem), own.clone(), &[bad], 10);
+        assert!(matches!(r, Err(RingError::BadPiece)), "{bad:?}: {r:?}");
+    }
+    let no_mem = ring.send_vectored(a.as_fd(), None, own.clone(), &pieces, 10);
+    assert!(matches!(no_mem, Err(RingError::BadPiece)), "{no_mem:?}");
+    assert_eq!(ring.in_flight(), 0);
+    Ok(())
+}
+
+#[test]
+fn sends_beyond_the_queue_size_are_submitted_as_they_queue() -> TestResult {
+    let (a, mut b) = tcp_pair()?;
+    // Four submission entries, seven sends: queuing the fifth submits first.
+    let mut ring = Ring::new(4)?;
+    for i in 0..7u32 {
+        ring.send(a.as_fd(), vec![b'a' + i as u8; 3], i)?;
+    }
+    let mut done = Vec::new();
+    let mut events = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while done.len() < 7 {
+        assert!(Instant::now() < deadline, "sends done: {done:?}");
+        turn(&mut ring, &mut events)?;
+        for ev in events.drain(..) {
+            match ev {
+                Event::Sent { token, result, .. } => {
+                    assert_eq!(result?, 3);
+                    done.push(token);
+                }
+                other => return Err(format!("unexpected {other:?}").into()),
+            }
+        }
+    }
+    done.sort_unstable();
+    assert_eq!(done, (0..7).collect::<Vec<_>>());
+    let mut got = [0u8; 21];
+    b.read_exact(&mut got)?;
+    let mut letters = got.to_vec();
+    letters.sort_unstable();
+    let want: Vec<u8> = (0..7u8).flat_map(|i| [b'a' + i; 3]).collect();
+    assert_eq!(letters, want);
+    Ok(())
+}
+
+#[test]
+fn a_multishot_poll_reports_each_readiness() -> TestResult {
+    let mut ring = Ring::new(4)?;
+    let efd = Notifier::new()?;
+    ring.poll_multishot(efd.as_fd(), 3)?;
+    let mut events = Vec::new();
+    turn(&mut ring, &mut events)?;
+    assert!(events.is_empty(), "not readable yet: {events:?}");
+    for round in 0..2 {
+        efd.notify();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while events.is_empty() {
+            assert!(Instant::now() < deadline, "no poll event in round {round}");
+            turn(&mut ring, &mut events)?;
+        }
+        match events.pop() {
+            Some(Event::Polled {
+                token: 3,
+                result: Ok(true),
+            }) => {}
+            other => return Err(format!("round {round}: {other:?}").into()),
+        }
+        assert!(efd.drain(), "the counter was set");
+        events.clear();
+    }
+    assert_eq!(ring.in_flight(), 1, "the multishot poll stays armed");
     Ok(())
 }

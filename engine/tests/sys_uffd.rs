@@ -3,12 +3,14 @@
 
 use std::error::Error;
 
-use ringfault_engine::sys::mapping::{AlignedBuf, GuestMapping, MapOptions, PAGE_4K};
-use ringfault_engine::sys::pagemap::{is_populated, populated_pages};
+use ringfault_engine::sys::guest::{GuestError, GuestMemory, GuestRegion, RegionSpec};
+use ringfault_engine::sys::install::{copy, zero};
+use ringfault_engine::sys::mapping::{AlignedBuf, MapError, MapOptions, PAGE_2M, PAGE_4K};
 use ringfault_engine::sys::uffd::{
     Event, Features, Installed, Ioctls, RegisterMode, Uffd, UffdError, UffdMsg, UffdOptions,
     PAGEFAULT_FLAG_WRITE,
 };
+use ringfault_testkit::{populated_pages, require, skip};
 
 type TestResult = Result<(), Box<dyn Error>>;
 
@@ -17,12 +19,25 @@ const NONBLOCK: UffdOptions = UffdOptions {
     user_mode_only: false,
 };
 
-/// A uffd with `features`, and a registered 4-page anonymous mapping.
-fn setup(features: Features, pages: usize) -> Result<(Uffd, GuestMapping), Box<dyn Error>> {
+/// Private anonymous memory: one region of `pages` pages of `page_size`.
+fn memory(pages: usize, page_size: usize) -> Result<GuestMemory, GuestError> {
+    GuestMemory::anonymous(
+        &[RegionSpec {
+            id: 1,
+            size: pages * page_size,
+            page_size,
+        }],
+        MapOptions::default(),
+    )
+}
+
+/// A uffd with `features`, and a registered anonymous region of `pages` pages.
+fn setup(features: Features, pages: usize) -> Result<(Uffd, GuestMemory), Box<dyn Error>> {
     let uffd = Uffd::open(NONBLOCK)?;
     uffd.api(features)?;
-    let m = GuestMapping::anonymous(pages * PAGE_4K, PAGE_4K, MapOptions::default())?;
-    let ioctls = uffd.register(m.addr(), m.len(), RegisterMode::Missing)?;
+    let m = memory(pages, PAGE_4K)?;
+    let r = &m.regions()[0];
+    let ioctls = uffd.register(r.addr(), r.len(), RegisterMode::Missing)?;
     ioctls.require(Ioctls::COPY | Ioctls::ZEROPAGE | Ioctls::WAKE)?;
     Ok((uffd, m))
 }
@@ -47,9 +62,14 @@ fn next_event(uffd: &Uffd) -> Result<Event, Box<dyn Error>> {
     Ok(msgs[0].parse())
 }
 
+fn populated(r: &GuestRegion) -> Result<Vec<u64>, Box<dyn Error>> {
+    Ok(populated_pages(r)?)
+}
+
 #[test]
 fn fault_is_reported_and_copy_resolves_it() -> TestResult {
     let (uffd, m) = setup(Features::THREAD_ID, 4)?;
+    let r = &m.regions()[0];
     let mut none = [UffdMsg::default(); 1];
     assert_eq!(uffd.read_events(&mut none)?, 0, "no event pending yet");
     let src = pattern(7)?;
@@ -57,7 +77,7 @@ fn fault_is_reported_and_copy_resolves_it() -> TestResult {
         // A "vCPU" reads page 1 and blocks until we install it.
         let reader = s.spawn(|| {
             let mut b = [0u8; 16];
-            m.read_page_into(PAGE_4K + 5, &mut b).map(|()| b)
+            r.read(PAGE_4K + 5, &mut b).map(|()| b)
         });
         let ev = next_event(&uffd)?;
         let Event::PageFault {
@@ -68,96 +88,99 @@ fn fault_is_reported_and_copy_resolves_it() -> TestResult {
         else {
             return Err(format!("expected a page fault, got {ev:?}").into());
         };
-        assert_eq!(usize::try_from(addr)?, m.addr() + PAGE_4K);
+        assert_eq!(usize::try_from(addr)?, r.addr() + PAGE_4K);
         assert_eq!(flags & PAGEFAULT_FLAG_WRITE, 0, "a read fault");
         assert_ne!(thread_id, 0, "THREAD_ID negotiated");
-        // SAFETY: src is a live 4 KiB buffer; dst is a missing registered page.
-        let r = unsafe { uffd.copy(m.addr() + PAGE_4K, src.as_ptr(), PAGE_4K, true)? };
-        assert_eq!(r, Installed::Done(PAGE_4K));
+        let done = copy(&uffd, r.addr() + PAGE_4K, src.as_slice(), true)?;
+        assert_eq!(done, Installed::Done(PAGE_4K));
         let got = reader.join().map_err(|_| "reader panicked")??;
         assert_eq!(&got[..], &src.as_slice()[5..21]);
         Ok(())
     })?;
     let mut page = vec![0u8; PAGE_4K];
-    m.read_page_into(PAGE_4K, &mut page)?;
+    r.read(PAGE_4K, &mut page)?;
     assert_eq!(&page[..], src.as_slice());
 
     // EEXIST on the first page: already there, not an error.
-    // SAFETY: as above; the page exists, so nothing is written.
-    let r = unsafe { uffd.copy(m.addr() + PAGE_4K, src.as_ptr(), PAGE_4K, true)? };
-    assert_eq!(r, Installed::Exists);
+    let again = copy(&uffd, r.addr() + PAGE_4K, src.as_slice(), true)?;
+    assert_eq!(again, Installed::Exists);
 
     // Partial progress: page 0 is missing, page 1 exists -> 4 KiB done, EAGAIN.
     let two = AlignedBuf::new(2 * PAGE_4K)?;
-    // SAFETY: `two` is a live 8 KiB buffer; pages 0-1 are registered.
-    let r = unsafe { uffd.copy(m.addr(), two.as_ptr(), 2 * PAGE_4K, true)? };
-    assert_eq!(r, Installed::Again { done: PAGE_4K });
+    let partial = copy(&uffd, r.addr(), two.as_slice(), true)?;
+    assert_eq!(partial, Installed::Again { done: PAGE_4K });
+    assert_eq!(populated(r)?, vec![0, 1]);
     Ok(())
 }
 
 #[test]
 fn write_fault_flags_and_zeropage() -> TestResult {
     let (uffd, m) = setup(Features::NONE, 4)?;
+    let r = &m.regions()[0];
     std::thread::scope(|s| -> TestResult {
-        let writer = s.spawn(|| m.write_from(2 * PAGE_4K + 100, b"vcpu"));
+        let writer = s.spawn(|| r.write(2 * PAGE_4K + 100, b"vcpu"));
         let ev = next_event(&uffd)?;
         let Event::PageFault { addr, flags, .. } = ev else {
             return Err(format!("expected a page fault, got {ev:?}").into());
         };
-        assert_eq!(usize::try_from(addr)?, m.addr() + 2 * PAGE_4K);
+        assert_eq!(usize::try_from(addr)?, r.addr() + 2 * PAGE_4K);
         assert_ne!(flags & PAGEFAULT_FLAG_WRITE, 0, "a write fault");
-        // SAFETY: dst is a missing registered page.
-        let r = unsafe { uffd.zeropage(m.addr() + 2 * PAGE_4K, PAGE_4K, true)? };
-        assert_eq!(r, Installed::Done(PAGE_4K));
+        let done = zero(&uffd, r.addr() + 2 * PAGE_4K, PAGE_4K, true)?;
+        assert_eq!(done, Installed::Done(PAGE_4K));
         writer.join().map_err(|_| "writer panicked")??;
         Ok(())
     })?;
     let mut b = [0u8; 6];
-    m.read_page_into(2 * PAGE_4K + 99, &mut b)?;
+    r.read(2 * PAGE_4K + 99, &mut b)?;
     assert_eq!(&b, b"\0vcpu\0");
 
     // ZEROPAGE with nobody waiting, then EEXIST.
-    // SAFETY: dst is a missing registered page.
-    let r = unsafe { uffd.zeropage(m.addr(), PAGE_4K, false)? };
-    assert_eq!(r, Installed::Done(PAGE_4K));
-    assert!(m.is_zero(0, PAGE_4K)?);
-    // SAFETY: as above; already present.
-    let r = unsafe { uffd.zeropage(m.addr(), PAGE_4K, true)? };
-    assert_eq!(r, Installed::Exists);
+    assert_eq!(
+        zero(&uffd, r.addr(), PAGE_4K, false)?,
+        Installed::Done(PAGE_4K)
+    );
+    assert!(r.is_zero(0, PAGE_4K)?);
+    assert_eq!(zero(&uffd, r.addr(), PAGE_4K, true)?, Installed::Exists);
+    assert_eq!(populated(r)?, vec![0, 2]);
     Ok(())
 }
 
 #[test]
 fn move_installs_without_copy() -> TestResult {
     let supported = Uffd::probe()?;
-    if !supported.contains(Features::MOVE) {
-        println!("SKIP move_installs_without_copy: UFFD_FEATURE_MOVE missing (needs Linux 6.8)");
-        return Ok(());
-    }
+    require!(
+        supported.contains(Features::MOVE),
+        "UFFD_FEATURE_MOVE missing (needs Linux 6.8)"
+    );
     let (uffd, m) = setup(Features::MOVE, 4)?;
-    let ioctls = uffd.register(m.addr(), m.len(), RegisterMode::Missing)?;
+    let r = &m.regions()[0];
+    let ioctls = uffd.register(r.addr(), r.len(), RegisterMode::Missing)?;
     assert!(ioctls.has_move(), "MOVE on anonymous memory: {ioctls:?}");
 
-    let src = GuestMapping::anonymous(2 * PAGE_4K, PAGE_4K, MapOptions::default())?;
+    // The source of the move: private anonymous memory, page 0 written, page
+    // 1 never touched.
+    let from = memory(2, PAGE_4K)?;
+    let from = &from.regions()[0];
     let pat = pattern(42)?;
-    src.write_from(0, pat.as_slice())?;
-    // SAFETY: `src` page 0 is our populated private anonymous page, not used
-    // afterwards; dst page 3 is missing and registered.
-    let r = unsafe { uffd.move_pages(m.addr() + 3 * PAGE_4K, src.as_ptr(), PAGE_4K, true, false)? };
-    assert_eq!(r, Installed::Done(PAGE_4K));
+    from.write(0, pat.as_slice())?;
+    assert_eq!(populated(from)?, vec![0]);
+    let src_ptr = from.addr() as *mut u8;
+    // SAFETY: `from` page 0 is our populated private anonymous page, which
+    // nothing reads afterwards; dst page 3 is missing and registered.
+    let done = unsafe { uffd.move_pages(r.addr() + 3 * PAGE_4K, src_ptr, PAGE_4K, true, false)? };
+    assert_eq!(done, Installed::Done(PAGE_4K));
     let mut page = vec![0u8; PAGE_4K];
-    m.read_page_into(3 * PAGE_4K, &mut page)?;
+    r.read(3 * PAGE_4K, &mut page)?;
     assert_eq!(&page[..], pat.as_slice());
-    let src_bits = populated_pages(src.addr(), src.len(), PAGE_4K)?;
     assert!(
-        !is_populated(&src_bits, 0),
+        populated(from)?.is_empty(),
         "the source page was taken away"
     );
 
     // An unpopulated source: ENOENT, or skipped with ALLOW_SRC_HOLES.
-    let hole = src.addr() + PAGE_4K;
-    // SAFETY: as above; src page 1 is ours and unpopulated.
-    let e = unsafe { uffd.move_pages(m.addr(), hole as *mut u8, PAGE_4K, true, false) };
+    let hole = src_ptr.wrapping_add(PAGE_4K);
+    // SAFETY: as above; `from` page 1 is ours and unpopulated.
+    let e = unsafe { uffd.move_pages(r.addr(), hole, PAGE_4K, true, false) };
     match e {
         Err(UffdError::Range { source, .. }) => {
             assert_eq!(source.raw_os_error(), Some(libc::ENOENT))
@@ -165,36 +188,35 @@ fn move_installs_without_copy() -> TestResult {
         other => return Err(format!("expected ENOENT, got {other:?}").into()),
     }
     // SAFETY: as above.
-    let r = unsafe { uffd.move_pages(m.addr(), hole as *mut u8, PAGE_4K, true, true)? };
-    assert_eq!(r, Installed::Done(PAGE_4K));
-    let bits = populated_pages(m.addr(), m.len(), PAGE_4K)?;
-    assert!(!is_populated(&bits, 0), "a hole moves nothing");
-    assert!(is_populated(&bits, 3));
+    let done = unsafe { uffd.move_pages(r.addr(), hole, PAGE_4K, true, true)? };
+    assert_eq!(done, Installed::Done(PAGE_4K));
+    assert_eq!(populated(r)?, vec![3], "a hole moves nothing");
     Ok(())
 }
 
 #[test]
 fn pending_remove_event_blocks_installs_until_read() -> TestResult {
     let (uffd, m) = setup(Features::EVENT_REMOVE, 4)?;
+    let r = &m.regions()[0];
     let src = pattern(1)?;
-    // SAFETY: src is live; page 0 is missing and registered.
-    let r = unsafe { uffd.copy(m.addr(), src.as_ptr(), PAGE_4K, true)? };
-    assert_eq!(r, Installed::Done(PAGE_4K));
+    assert_eq!(
+        copy(&uffd, r.addr(), src.as_slice(), true)?,
+        Installed::Done(PAGE_4K)
+    );
     std::thread::scope(|s| -> TestResult {
         // MADV_DONTNEED sleeps until the REMOVE event is read.
-        let zapper = s.spawn(|| m.madvise_dontneed(0, PAGE_4K));
+        let zapper = s.spawn(|| r.discard(0, PAGE_4K));
         if !uffd.poll_readable(5000)? {
             return Err("no REMOVE event within 5 s".into());
         }
-        // SAFETY: src is live; page 1 is missing and registered.
-        let r = unsafe { uffd.copy(m.addr() + PAGE_4K, src.as_ptr(), PAGE_4K, true)? };
+        let blocked = copy(&uffd, r.addr() + PAGE_4K, src.as_slice(), true)?;
         assert_eq!(
-            r,
+            blocked,
             Installed::Again { done: 0 },
             "a pending REMOVE blocks installs"
         );
         let ev = next_event(&uffd)?;
-        let start = u64::try_from(m.addr())?;
+        let start = u64::try_from(r.addr())?;
         assert_eq!(
             ev,
             Event::Remove {
@@ -206,12 +228,15 @@ fn pending_remove_event_blocks_installs_until_read() -> TestResult {
         Ok(())
     })?;
     // The event is read and the zapper has resumed: installs work again.
-    // SAFETY: as above.
-    let r = unsafe { uffd.copy(m.addr() + PAGE_4K, src.as_ptr(), PAGE_4K, true)? };
-    assert_eq!(r, Installed::Done(PAGE_4K));
-    let bits = populated_pages(m.addr(), m.len(), PAGE_4K)?;
-    assert!(!is_populated(&bits, 0), "page 0 was zapped");
-    assert!(is_populated(&bits, 1));
+    assert_eq!(
+        copy(&uffd, r.addr() + PAGE_4K, src.as_slice(), true)?,
+        Installed::Done(PAGE_4K)
+    );
+    assert_eq!(
+        populated(r)?,
+        vec![1],
+        "page 0 was zapped, page 1 installed"
+    );
     Ok(())
 }
 
@@ -222,38 +247,40 @@ fn from_fd_skips_the_handshake() -> TestResult {
     assert!(features.contains(Features::EVENT_REMOVE));
     // The VMM hands the fd over: wrap it and register, no second UFFDIO_API.
     let uffd = Uffd::from_fd(uffd.into_fd());
-    let m = GuestMapping::anonymous(PAGE_4K, PAGE_4K, MapOptions::default())?;
-    let ioctls = uffd.register(m.addr(), m.len(), RegisterMode::Missing)?;
+    let m = memory(1, PAGE_4K)?;
+    let r = &m.regions()[0];
+    let ioctls = uffd.register(r.addr(), r.len(), RegisterMode::Missing)?;
     assert!(ioctls.has_copy() && ioctls.has_zeropage());
-    uffd.unregister(m.addr(), m.len())?;
+    uffd.unregister(r.addr(), r.len())?;
     // Unregistered: a plain read now sees a zero page instead of faulting.
-    assert!(m.is_zero(0, PAGE_4K)?);
+    assert!(r.is_zero(0, PAGE_4K)?);
     Ok(())
 }
 
 #[test]
 fn hugetlbfs_copy_in_2mib_pages() -> TestResult {
-    use ringfault_engine::sys::mapping::{MapError, PAGE_2M};
-    let m = match GuestMapping::anonymous(PAGE_2M, PAGE_2M, MapOptions::default()) {
+    let m = match memory(1, PAGE_2M) {
         Ok(m) => m,
-        Err(MapError::Mmap { source, .. }) => {
-            println!("SKIP hugetlbfs_copy_in_2mib_pages: no 2 MiB huge page ({source}); set vm.nr_hugepages");
-            return Ok(());
+        Err(GuestError::Map(MapError::Mmap { source, .. })) => {
+            skip!("no free 2 MiB huge page ({source}); set vm.nr_hugepages");
         }
         Err(e) => return Err(e.into()),
     };
+    let r = &m.regions()[0];
     let uffd = Uffd::open(NONBLOCK)?;
     uffd.api(Features::MISSING_HUGETLBFS)?;
-    let ioctls = uffd.register(m.addr(), m.len(), RegisterMode::Missing)?;
+    let ioctls = uffd.register(r.addr(), r.len(), RegisterMode::Missing)?;
     ioctls.require(Ioctls::COPY)?;
     assert!(!ioctls.has_zeropage(), "no ZEROPAGE on hugetlbfs");
     let mut src = AlignedBuf::new(PAGE_2M)?;
     src.as_mut_slice()[PAGE_2M - 1] = 9;
-    // SAFETY: src is a live 2 MiB buffer; dst is a missing registered huge page.
-    let r = unsafe { uffd.copy(m.addr(), src.as_ptr(), PAGE_2M, true)? };
-    assert_eq!(r, Installed::Done(PAGE_2M));
+    assert_eq!(
+        copy(&uffd, r.addr(), src.as_slice(), true)?,
+        Installed::Done(PAGE_2M)
+    );
     let mut b = [0u8; 1];
-    m.read_page_into(PAGE_2M - 1, &mut b)?;
+    r.read(PAGE_2M - 1, &mut b)?;
     assert_eq!(b[0], 9);
+    assert_eq!(populated(r)?, vec![0]);
     Ok(())
 }

@@ -12,14 +12,16 @@ fn main() {
         let mut tags = Vec::new();
         for _ in 0..n {
             let tag = if mode == Protection::Aead {
-                s.seal_encrypt(&head, &payload, &mut out[..payload.len()]).unwrap().unwrap()
+                s.seal_encrypt(&head, &payload, &mut out[..payload.len()])
+                    .unwrap()
+                    .unwrap()
             } else {
                 s.seal(&head, &payload).unwrap().unwrap()
             };
             tags.push(tag);
         }
         let e = t.elapsed().as_secs_f64();
-        println!("{mode:?} seal: {:.2} GB/s", (n << 20) as f64 / e / 1e9);
+        println!("{mode:?} seal: {:.2} GB/s", f64::from(n << 20) / e / 1e9);
         let mut buf = payload.clone();
         buf.extend_from_slice(&[0; 16]);
         let t = Instant::now();
@@ -27,10 +29,17 @@ fn main() {
         for tag in &tags {
             let l = buf.len();
             buf[l - 16..].copy_from_slice(tag);
-            if o.open(&head, &mut buf).is_ok() { ok += 1; }
-            if mode == Protection::Aead { break; }
+            if o.open(&head, &mut buf).is_ok() {
+                ok += 1;
+            }
+            if mode == Protection::Aead {
+                break;
+            }
         }
         let e = t.elapsed().as_secs_f64();
-        println!("{mode:?} open: {:.2} GB/s ({ok} ok)", (ok.max(1) << 20) as f64 / e / 1e9);
+        println!(
+            "{mode:?} open: {:.2} GB/s ({ok} ok)",
+            f64::from(ok.max(1) << 20) / e / 1e9
+        );
     }
 }

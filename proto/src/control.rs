@@ -8,7 +8,9 @@
 //! the destination says every page is present (`Complete`), the source stops
 //! sending and acknowledges (`CompleteAck`), and the destination, having
 //! received nothing it still needs, lets the source free guest memory
-//! (`Release`). The source must not free memory before `Release`.
+//! (`Release`). The source must not free memory before `Release`. With
+//! `WELCOME_VERIFY`, the source sends `Digests` of every page between its
+//! `CompleteAck` and the destination's `Release`.
 
 use zerocopy::little_endian::{U16, U32, U64};
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};

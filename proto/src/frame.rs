@@ -40,7 +40,8 @@ pub enum MsgKind {
     DiscardList = 8,
     /// Destination -> source: every page is present.
     Complete = 9,
-    /// Source -> destination: the source will send nothing more.
+    /// Source -> destination: the source will send nothing more (but
+    /// `Digests`, when it announced them with `WELCOME_VERIFY`).
     CompleteAck = 10,
     /// Destination -> source: the source may free guest memory.
     Release = 11,

@@ -400,7 +400,7 @@ impl Proof {
 struct WelcomeWire {
     session: SessionId,
     region_count: U32,
-    reserved: U32,
+    flags: U32,
 }
 
 const _: () = assert!(size_of::<WelcomeWire>() == WELCOME_HEADER_LEN);
@@ -414,7 +414,21 @@ pub struct Welcome {
     pub session: SessionId,
     /// Guest memory layout.
     pub layout: Layout,
+    /// `WELCOME_*` bits: how the session runs.
+    pub flags: u32,
 }
+
+/// [`Welcome::flags`]: pre-copy rounds come first, while the VM still runs on
+/// the source; the switch-over follows (a `DiscardList` ended by
+/// `Phase(SwitchOver)` on the demand lane, and a `Phase(SwitchOver)` on every
+/// bulk lane before its first post-copy frame).
+pub const WELCOME_PRECOPY: u32 = 1 << 0;
+/// [`Welcome::flags`]: after `CompleteAck` the source sends `Digests` of every
+/// page of every region, in layout order, before it waits for `Release`.
+/// Set only when `VERIFY` was negotiated.
+pub const WELCOME_VERIFY: u32 = 1 << 1;
+/// Every `WELCOME_*` bit this build knows.
+pub const WELCOME_KNOWN: u32 = WELCOME_PRECOPY | WELCOME_VERIFY;
 
 impl Welcome {
     /// Appends the body.
@@ -423,7 +437,7 @@ impl Welcome {
         let wire = WelcomeWire {
             session: self.session,
             region_count: U32::new(count),
-            reserved: U32::new(0),
+            flags: U32::new(self.flags),
         };
         out.extend_from_slice(wire.as_bytes());
         for r in &self.layout.regions {
@@ -447,9 +461,9 @@ impl Welcome {
                 max: MAX_REGIONS,
             });
         }
-        if w.reserved.get() != 0 {
+        if w.flags.get() & !WELCOME_KNOWN != 0 {
             return Err(DecodeError::ReservedNonzero {
-                field: "welcome.reserved",
+                field: "welcome.flags",
             });
         }
         // count <= MAX_REGIONS, so this cannot overflow.
@@ -473,6 +487,7 @@ impl Welcome {
         Ok(Welcome {
             session: w.session,
             layout,
+            flags: w.flags.get(),
         })
     }
 }

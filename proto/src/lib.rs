@@ -30,7 +30,11 @@
 //!  resume (demand lane): send PresentBitmap chunks --> recv Resumed --> [Open]
 //!  [Open] --every page present: send Complete (demand lane)--> [AwaitAck]
 //!  [AwaitAck] --CompleteAck--> unregister, send Release, close --> [Done]
-//!  CompleteAck in any other state, Release ever: protocol error
+//!  [AwaitAck] --CompleteAck, WELCOME_VERIFY--> [AwaitDigests]
+//!  [AwaitDigests] --Digests (in layout order; the last covers the last page)-->
+//!                 unregister, send Release, close --> [Done]
+//!  CompleteAck in any other state, Digests outside AwaitDigests, Release
+//!  ever: protocol error
 //!  any decode, tag or validation failure: send Error, close
 //! ```
 //!
@@ -43,8 +47,10 @@
 //!          bulk lane:   send Pages and ZeroRanges for pages not yet sent
 //!  resume: recv PresentBitmap chunks (last flagged) -> sent := present -> send Resumed
 //!  [Open] --Complete (pages_present == total)--> stop sending, send CompleteAck --> [AwaitRelease]
+//!  WELCOME_VERIFY: then send Digests of every page, in layout order
 //!  [AwaitRelease] --Release--> memory may be freed --> [Done]
-//!  Release before CompleteAck, a second Complete: protocol error
+//!  Release before CompleteAck or before the last Digests, a second
+//!  Complete: protocol error
 //! ```
 //!
 //! # Trust
@@ -78,7 +84,7 @@ pub use error::DecodeError;
 pub use frame::{FrameHeader, MsgKind};
 pub use handshake::{
     Capabilities, Challenge, Hello, Lane, Mac, Nonce, Proof, Role, SessionId, Welcome,
-    LANE_ALIGN_PAYLOAD,
+    LANE_ALIGN_PAYLOAD, WELCOME_KNOWN, WELCOME_PRECOPY, WELCOME_VERIFY,
 };
 pub use layout::{Layout, PageSize, RegionDesc};
 pub use message::{decode_frame, Message};

@@ -142,6 +142,7 @@ fn truncated_input() {
     let w = Message::Welcome(Welcome {
         session: [0; 16],
         layout: layout(),
+        flags: 0,
     });
     assert_eq!(
         mutate(w, |b| b.truncate(b.len() - 1)),
@@ -166,6 +167,7 @@ fn trailing_bytes() {
     let w = Message::Welcome(Welcome {
         session: [0; 16],
         layout: layout(),
+        flags: 0,
     });
     assert_eq!(
         mutate(w, |b| b.extend_from_slice(&[0; REGION_DESC_LEN])),
@@ -479,6 +481,7 @@ fn bad_enums() {
     let w = Message::Welcome(Welcome {
         session: [0; 16],
         layout: layout(),
+        flags: 0,
     });
     // First descriptor's page_shift at 24 + 4.
     assert_eq!(
@@ -522,6 +525,7 @@ fn too_many_regions() {
     let w = Message::Welcome(Welcome {
         session: [0; 16],
         layout: Layout::default(),
+        flags: 0,
     });
     let count = u32::try_from(MAX_REGIONS + 1).unwrap();
     // Rejected from the count alone, before any descriptor is read.
@@ -554,6 +558,7 @@ fn bad_layouts() {
     let w = Message::Welcome(Welcome {
         session: [0; 16],
         layout: l,
+        flags: 0,
     });
     assert_eq!(
         reencode(&w).1,
@@ -565,6 +570,7 @@ fn bad_layouts() {
     let w = Message::Welcome(Welcome {
         session: [0; 16],
         layout: l.clone(),
+        flags: 0,
     });
     assert_eq!(
         reencode(&w).1,
@@ -588,11 +594,12 @@ fn bad_layouts() {
     let w = Message::Welcome(Welcome {
         session: [0; 16],
         layout: layout(),
+        flags: 0,
     });
     assert_eq!(
-        mutate(w.clone(), |b| b[20] = 1),
+        mutate(w.clone(), |b| b[20] = 0x80),
         Err(DecodeError::ReservedNonzero {
-            field: "welcome.reserved"
+            field: "welcome.flags"
         })
     );
     assert_eq!(

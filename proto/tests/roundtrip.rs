@@ -51,7 +51,7 @@ proptest! {
 
     #[test]
     fn welcome_round_trips(session in any::<[u8; 16]>(), layout in arb_layout(64)) {
-        assert_round_trip(&Message::Welcome(Welcome { session, layout }));
+        assert_round_trip(&Message::Welcome(Welcome { session, layout, flags: 0 }));
     }
 
     #[test]
@@ -250,6 +250,7 @@ fn unit_messages_round_trip() {
     assert_round_trip(&Message::Welcome(Welcome {
         session: [1; 16],
         layout: Layout::default(),
+        flags: 0,
     }));
 }
 

@@ -1,8 +1,10 @@
 #![forbid(unsafe_code)]
 //! The `ringfault` command: migrate by hand (`serve`, `receive`), benchmark
-//! (`bench`), and act as a Firecracker page-fault handler (`uffd-handler`).
+//! (`bench`), act as a Firecracker page-fault handler (`uffd-handler`), and
+//! as CRIU's lazy-pages daemon (`criu-lazy-pages`).
 
 mod bench;
+mod criu_lazy_pages;
 mod receive;
 mod serve;
 mod uffd_handler;
@@ -17,16 +19,25 @@ struct Cli {
     command: Command,
 }
 
+/// Every command takes negative numbers as values (`--populated -0.5`), so
+/// that they are refused by the option's own check, which names the range,
+/// rather than read as an unknown flag.
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Run the source: serve guest memory to one destination.
+    #[command(allow_negative_numbers = true)]
     Serve(serve::Args),
     /// Run the destination: fetch guest memory from a source, post-copy.
+    #[command(allow_negative_numbers = true)]
     Receive(receive::Args),
     /// Benchmark a migration of a synthetic VM between two processes.
+    #[command(allow_negative_numbers = true)]
     Bench(bench::Args),
     /// Serve a Firecracker VM's page faults, from a memory file or a remote source.
+    #[command(allow_negative_numbers = true)]
     UffdHandler(uffd_handler::Args),
+    /// Serve a CRIU lazy restore's page faults: a drop-in for `criu lazy-pages`.
+    CriuLazyPages(criu_lazy_pages::Args),
     /// One process of a benchmark run (started by `bench`).
     #[command(hide = true)]
     BenchChild(bench::ChildArgs),
@@ -46,6 +57,7 @@ fn main() -> std::process::ExitCode {
         Command::Receive(a) => receive::run(a),
         Command::Bench(a) => bench::run(a),
         Command::UffdHandler(a) => uffd_handler::run(a),
+        Command::CriuLazyPages(a) => criu_lazy_pages::run(a),
         Command::BenchChild(a) => bench::child::run(a),
     };
     match result {

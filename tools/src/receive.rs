@@ -1,15 +1,25 @@
 //! `ringfault receive`: the destination of a migration by hand. It connects to a
 //! `ringfault serve`, registers guest memory with userfaultfd, and runs the
 //! synthetic VM's workload on it from the first instant, while every page arrives
-//! on demand and in the background.
+//! on demand and in the background. A progress bar (pages present, GB/s,
+//! faults/s, time left) runs meanwhile, unless `--quiet`. Once every page is
+//! present, memory is checked against the source's digests of every page
+//! when the source sends them (`verified: yes`, or the ranges that differ).
 
+use std::io::IsTerminal;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
+use indicatif::{ProgressBar, ProgressStyle};
+use ringfault_engine::destination::Progress;
 use ringfault_engine::stats::LatencySummary;
-use ringfault_engine::{Destination, DestinationConfig, InstallMode, PeerAddr};
+use ringfault_engine::verify::compare;
+use ringfault_engine::{Destination, DestinationConfig, InstallMode, PeerAddr, Verify};
+
+use crate::bench::units::to_f64;
 
 use crate::bench::vm::VmSpec;
 use crate::bench::workload::{Params, Pattern, Presence, Workload};
@@ -47,6 +57,40 @@ pub enum Integrity {
     None,
 }
 
+/// How many pre-copy rounds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum PrecopyRounds {
+    /// Until the dirty set converges.
+    Auto,
+    /// This many.
+    Rounds(u32),
+}
+
+fn parse_precopy(s: &str) -> Result<PrecopyRounds, String> {
+    if s == "auto" {
+        return Ok(PrecopyRounds::Auto);
+    }
+    match s.parse::<u32>() {
+        Ok(n) if (1..=64).contains(&n) => Ok(PrecopyRounds::Rounds(n)),
+        _ => Err(format!(
+            "{s:?}: give a number of rounds (1 to 64) or `auto`"
+        )),
+    }
+}
+
+/// A liveness timeout: at least 0.5 s (a shorter one would declare a link
+/// dead between two heartbeats).
+fn parse_liveness(s: &str) -> Result<Duration, String> {
+    let d = crate::bench::units::parse_duration(s)?;
+    if d < Duration::from_millis(500) {
+        return Err(format!(
+            "{s:?}: the liveness timeout must be at least 500ms"
+        ));
+    }
+    Ok(d)
+}
+
 /// Options of both ends (`serve`, `receive`, `uffd-handler`, `bench`).
 #[derive(Debug, Clone, clap::Args, serde::Serialize, serde::Deserialize)]
 pub struct EngineOptions {
@@ -58,7 +102,7 @@ pub struct EngineOptions {
     #[arg(long)]
     pub encrypt: bool,
     /// Declare a lane dead after this long without a byte from the peer.
-    #[arg(long, default_value = "10s", value_parser = crate::bench::units::parse_duration)]
+    #[arg(long, default_value = "10s", value_parser = parse_liveness)]
     pub liveness: Duration,
     /// Keep trying to resume a broken link for this long (0s: never resume).
     #[arg(long, default_value = "300s", value_parser = crate::bench::units::parse_duration)]
@@ -66,9 +110,23 @@ pub struct EngineOptions {
     /// Do not pin the engine's workers to cores.
     #[arg(long)]
     pub no_pin: bool,
-    /// Do not run the demand path SCHED_FIFO and bulk work SCHED_BATCH.
+    /// Run the demand path `SCHED_FIFO` and bulk work `SCHED_BATCH` (needs
+    /// `CAP_SYS_NICE`). Off by default: when cores are few, faults served at
+    /// real-time priority starve the bulk transfer (see docs/design.md).
     #[arg(long)]
+    pub realtime: bool,
+    /// The default; kept so that older scripts still run.
+    #[arg(long, hide = true, conflicts_with = "realtime")]
     pub no_realtime: bool,
+    /// Source: run pre-copy rounds while the VM runs, then switch over and
+    /// post-copy the rest: a number of rounds, or `auto` (until the dirty
+    /// set converges or stops shrinking).
+    #[arg(long, value_parser = parse_precopy)]
+    pub precopy: Option<PrecopyRounds>,
+    /// Source, with `--precopy auto`: switch over once the dirty pages can be
+    /// sent within this pause.
+    #[arg(long, default_value = "20ms", value_parser = crate::bench::units::parse_duration)]
+    pub max_pause: Duration,
     /// Source: pages per bulk data frame (tuning).
     #[arg(long, hide = true, default_value_t = 256)]
     pub frame_pages: u32,
@@ -97,12 +155,21 @@ impl EngineOptions {
     ) -> anyhow::Result<ringfault_engine::SourceConfig> {
         let mut cfg = ringfault_engine::SourceConfig::new(key);
         cfg.pin_workers &= !self.no_pin;
-        cfg.prioritize_demand &= !self.no_realtime;
+        cfg.prioritize_demand = self.realtime;
         cfg.protection = self.protection()?;
         cfg.liveness = self.liveness;
         cfg.resume_timeout = self.resume_timeout;
         cfg.frame_pages = self.frame_pages;
         cfg.batch_bytes = usize::try_from(self.batch_bytes)?;
+        cfg.precopy = self
+            .precopy
+            .map(|r| ringfault_engine::source::precopy::Precopy {
+                rounds: match r {
+                    PrecopyRounds::Auto => ringfault_engine::source::precopy::Rounds::Auto,
+                    PrecopyRounds::Rounds(n) => ringfault_engine::source::precopy::Rounds::Fixed(n),
+                },
+                max_pause: self.max_pause,
+            });
         Ok(cfg)
     }
 }
@@ -155,7 +222,7 @@ impl DestOptions {
         cfg.demand_interval = self.demand_interval;
         cfg.demand_burst = self.demand_burst;
         cfg.pin_workers &= !self.engine.no_pin;
-        cfg.prioritize_demand &= !self.engine.no_realtime;
+        cfg.prioritize_demand = self.engine.realtime;
         cfg.validate()?;
         Ok(cfg)
     }
@@ -184,19 +251,101 @@ pub struct Args {
     #[arg(long, value_enum, default_value = "random-write")]
     pattern: Pattern,
     /// vCPU threads of the workload (0: none).
-    #[arg(long, default_value_t = 2)]
+    #[arg(long, default_value_t = 2, value_parser = crate::bench::units::parse_vcpus_or_none)]
     threads: usize,
     /// Write the destination's report as JSON to this file.
     #[arg(long)]
     json: Option<PathBuf>,
+    /// No progress bar (nor, when standard error is not a terminal, progress
+    /// lines).
+    #[arg(long)]
+    quiet: bool,
+    /// Check every page against the source's digests after completion, and
+    /// fail if the source does not send them (`serve --verify`). Without it,
+    /// memory is checked whenever the source sends digests (a synthetic VM
+    /// does by default).
+    #[arg(long, conflicts_with = "no_verify")]
+    verify: bool,
+    /// Do not ask the source for digests.
+    #[arg(long)]
+    no_verify: bool,
+}
+
+/// How often the progress display is brought up to date.
+const TICK: Duration = Duration::from_millis(200);
+/// How often a progress line is printed when standard error is not a
+/// terminal (a log file).
+const LOG_EVERY: Duration = Duration::from_secs(5);
+
+/// Shows the migration's progress until `done`: on a terminal, a bar with
+/// pages present, GB/s, faults/s and the time left; otherwise one line every
+/// [`LOG_EVERY`].
+fn show_progress(
+    progress: Progress,
+    done: Arc<AtomicBool>,
+) -> std::io::Result<std::thread::JoinHandle<()>> {
+    std::thread::Builder::new()
+        .name("rf-progress".into())
+        .spawn(move || {
+            let total = progress.total();
+            let tty = std::io::stderr().is_terminal();
+            let pb = if tty {
+                let pb = ProgressBar::new(total);
+                pb.set_style(
+                    ProgressStyle::with_template(
+                        "{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} pages ({percent}%)  {msg}  ETA {eta}",
+                    )
+                    .unwrap_or_else(|_| ProgressStyle::default_bar()),
+                );
+                pb
+            } else {
+                ProgressBar::hidden()
+            };
+            let t0 = Instant::now();
+            let mut last = (t0, progress.wire_bytes(), progress.faults());
+            let mut logged = t0;
+            // Relaxed: a stop flag, seen on the next tick.
+            while !done.load(Ordering::Relaxed) {
+                std::thread::sleep(TICK);
+                let now = Instant::now();
+                let (bytes, faults) = (progress.wire_bytes(), progress.faults());
+                let dt = now.duration_since(last.0).as_secs_f64().max(1e-6);
+                let gbps = to_f64(bytes.saturating_sub(last.1)) / dt / 1e9;
+                let fps = to_f64(faults.saturating_sub(last.2)) / dt;
+                last = (now, bytes, faults);
+                let present = progress.present();
+                pb.set_position(present);
+                pb.set_message(format!("{gbps:.2} GB/s, {fps:.0} faults/s"));
+                if !tty && now.duration_since(logged) >= LOG_EVERY {
+                    logged = now;
+                    let pct = to_f64(present) * 100.0 / to_f64(total.max(1));
+                    eprintln!(
+                        "ringfault receive: {present}/{total} pages ({pct:.0}%), {gbps:.2} GB/s, {fps:.0} faults/s, {:.0} s",
+                        now.duration_since(t0).as_secs_f64()
+                    );
+                }
+            }
+            pb.finish_and_clear();
+        })
 }
 
 /// Runs the subcommand.
 pub fn run(args: Args) -> anyhow::Result<()> {
     let key = crate::serve::load_key(&args.key_file)?;
     let addr = PeerAddr::parse(&args.from).context("--from")?;
-    let dest = Destination::connect(&addr, args.dest.config(key)?)
-        .with_context(|| format!("connecting to the source at {addr}"))?;
+    let mut cfg = args.dest.config(key)?;
+    cfg.verify = match (args.verify, args.no_verify) {
+        (_, true) => Verify::Off,
+        (true, false) => Verify::Required,
+        (false, false) => Verify::IfSent,
+    };
+    let dest = Destination::connect(&addr, cfg).map_err(|e| {
+        let hint = matches!(e, ringfault_engine::EngineError::Unsupported(_))
+            .then_some(" (start the source with `ringfault serve --verify`)")
+            .unwrap_or("");
+        anyhow::Error::new(e).context(format!("connecting to the source at {addr}{hint}"))
+    })?;
+    let verifies = dest.verifies();
     let mem = dest.memory();
     let progress = dest.progress();
     let workload = match &mem {
@@ -205,6 +354,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 size: m.size(),
                 populated: 1.0,
                 seed: 2,
+                page_size: m.regions()[0].page_size() as u64,
+                thp: false,
             };
             let p = progress.clone();
             let presence: Presence = Arc::new(move |page| p.is_present(page));
@@ -213,7 +364,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                     vm,
                     pattern: args.pattern,
                     threads: args.threads,
-                    log_writes: false,
+                    // To hash pages as they arrived, the writes are undone.
+                    log_writes: verifies,
                     salt: 2,
                 },
                 m.clone(),
@@ -223,7 +375,22 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         _ => None,
     };
     eprintln!("receiving {} pages from {addr}", progress.total());
-    let report = dest.run().context("post-copy migration")?;
+    let done = Arc::new(AtomicBool::new(false));
+    let shown = if args.quiet {
+        None
+    } else {
+        Some(
+            show_progress(progress.clone(), done.clone())
+                .context("starting the progress display")?,
+        )
+    };
+    let report = dest.run();
+    // Relaxed: the display stops on its next tick.
+    done.store(true, Ordering::Relaxed);
+    if let Some(h) = shown {
+        let _ = h.join();
+    }
+    let report = report.context("post-copy migration")?;
     std::thread::sleep(Duration::from_millis(200));
     let wl = workload.map(Workload::stop);
     println!(
@@ -249,9 +416,68 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             l.p50_us, l.p99_us, l.max_us, l.count
         );
     }
+    let verdict = match (&report.source_digests, &mem) {
+        (Some(digests), Some(m)) => {
+            let restore = |_region: u32, page: u64, buf: &mut [u8]| {
+                if let Some(w) = &wl {
+                    w.restore_page(page, buf);
+                }
+            };
+            Some(
+                compare(m, digests, &restore)
+                    .context("verifying memory against the source's digests")?,
+            )
+        }
+        _ => None,
+    };
+    match &verdict {
+        Some(bad) if bad.is_empty() => {
+            println!("verified: yes (every page equals the source's)");
+        }
+        Some(bad) => {
+            println!(
+                "verified: NO: {} ranges differ from the source's:",
+                bad.len()
+            );
+            for m in bad.iter().take(20) {
+                println!(
+                    "  region {} pages {}..{} ({} pages)",
+                    m.region,
+                    m.first_page,
+                    m.first_page + m.pages,
+                    m.pages
+                );
+            }
+            if bad.len() > 20 {
+                println!("  ... and {} more (all in --json)", bad.len() - 20);
+            }
+        }
+        None if verifies => {
+            println!("verified: not checked (this destination holds no memory of its own)");
+        }
+        None => {
+            println!(
+                "verified: not checked (the source sends no digests; `ringfault serve --verify` does)"
+            );
+        }
+    }
     if let Some(p) = args.json {
-        std::fs::write(&p, report.to_json()).with_context(|| format!("writing {}", p.display()))?;
+        let mut v = serde_json::to_value(&report)?;
+        if let Some(o) = v.as_object_mut() {
+            o.insert(
+                "verify".into(),
+                serde_json::json!({
+                    "verified": verdict.as_ref().map(Vec::is_empty),
+                    "mismatches": verdict.clone().unwrap_or_default(),
+                }),
+            );
+        }
+        std::fs::write(&p, serde_json::to_string_pretty(&v)?)
+            .with_context(|| format!("writing {}", p.display()))?;
     }
     drop(mem);
+    if verdict.is_some_and(|bad| !bad.is_empty()) {
+        anyhow::bail!("memory differs from the source's (see the ranges above)");
+    }
     Ok(())
 }

@@ -32,7 +32,7 @@ pub struct Args {
     #[arg(long, value_enum, default_value = "random-write")]
     pattern: Pattern,
     /// Synthetic VM: vCPU threads of the workload (0: none).
-    #[arg(long, default_value_t = 2)]
+    #[arg(long, default_value_t = 2, value_parser = crate::bench::units::parse_vcpus_or_none)]
     threads: usize,
     /// Synthetic VM: seed of its contents.
     #[arg(long, default_value_t = 1)]
@@ -56,6 +56,15 @@ pub struct Args {
     /// Write the source's report as JSON to this file.
     #[arg(long)]
     json: Option<PathBuf>,
+    /// After completion, send digests of every page so that the destination
+    /// can check its memory (`receive` prints `verified: yes`); costs one
+    /// more read of all the memory. The default for a synthetic VM; for a
+    /// memory file it reads the whole file again.
+    #[arg(long, conflicts_with = "no_verify")]
+    verify: bool,
+    /// Send no digests, even for a synthetic VM.
+    #[arg(long)]
+    no_verify: bool,
 }
 
 /// Reads a key file.
@@ -94,7 +103,8 @@ fn parse_region(s: &str) -> Result<FileRegion, String> {
 /// Runs the subcommand.
 pub fn run(args: Args) -> anyhow::Result<()> {
     let key = load_key(&args.key_file)?;
-    let cfg = args.engine.source_config(key)?;
+    let mut cfg = args.engine.source_config(key)?;
+    cfg.verify = !args.no_verify && (args.verify || args.synthetic.is_some());
     let addr = PeerAddr::parse(&args.listen).context("--listen")?;
     let (source, workload) = match (&args.memory_file, args.synthetic) {
         (Some(path), None) => {
@@ -131,6 +141,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 size,
                 populated: args.populated,
                 seed: args.seed,
+                page_size: 4096,
+                thp: false,
             };
             vm.validate()?;
             let m = vm.build(2).context("building the synthetic VM")?;

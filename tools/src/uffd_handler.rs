@@ -16,6 +16,7 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use ringfault_engine::error::EngineError;
+use ringfault_engine::firecracker::mappings::MappingsError;
 use ringfault_engine::firecracker::{
     self, serve_local, serve_remote, Ended, FirecrackerError, HandlerStats, LocalOptions,
 };
@@ -109,13 +110,16 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         hs.mappings.len()
     );
 
+    let mut local_file = None;
     let result = match mode {
         Mode::Local(path, file) => {
             let opts = LocalOptions {
                 background: !args.no_background,
                 ..LocalOptions::default()
             };
-            serve_local(hs, &path, file, opts, stats.clone())
+            let r = serve_local(hs, &path, file, opts, stats.clone());
+            local_file = Some(path);
+            r
         }
         Mode::Remote(addr, cfg) => serve_remote(hs, &addr, *cfg, stats.clone()),
     };
@@ -129,6 +133,16 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         Ok(Ended::PeerGone) => {
             eprintln!("ringfault uffd-handler: Firecracker went away; exiting");
             Ok(())
+        }
+        // Local mode: the engine's error names the file itself (one that
+        // shrank while served); a file too short for the mappings is named
+        // here.
+        Err(FirecrackerError::Engine(e)) if local_file.is_some() => Err(e.into()),
+        Err(e @ FirecrackerError::Mappings(MappingsError::BeyondFile { .. })) => {
+            let path = local_file.unwrap_or_default();
+            Err(anyhow::Error::new(e).context(format!(
+                "the memory file {path} does not hold Firecracker's guest memory"
+            )))
         }
         Err(e @ FirecrackerError::Engine(EngineError::LayoutMismatch(_))) => {
             Err(anyhow::Error::new(e).context(

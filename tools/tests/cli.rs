@@ -4,20 +4,15 @@
 //! fail clearly on a kernel without netem, and a hand migration of a memory file
 //! with `serve` and `receive`.
 //!
-//! Tests that need root or iproute2 print why they skip.
+//! Tests that need root, iproute2 or perf say why they skip (`SKIPPED ...` on
+//! standard error).
 
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
-use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-/// One run at a time: each uses both cores.
-static SERIAL: Mutex<()> = Mutex::new(());
-
-fn serial() -> std::sync::MutexGuard<'static, ()> {
-    SERIAL.lock().unwrap_or_else(|p| p.into_inner())
-}
+use ringfault_testkit::{require, serial, ChildProc};
 
 fn bin() -> Command {
     Command::new(env!("CARGO_BIN_EXE_ringfault"))
@@ -51,6 +46,64 @@ fn namespaces_of(pid: u32) -> Vec<String> {
         .collect()
 }
 
+/// Whether `tc` can add a netem qdisc here, tried in a throwaway namespace.
+fn kernel_has_netem() -> bool {
+    let ns = format!("rfnetem-{}", std::process::id());
+    let ok = |args: &[&str]| {
+        Command::new("ip")
+            .args(args)
+            .output()
+            .is_ok_and(|o| o.status.success())
+    };
+    if !ok(&["netns", "add", &ns]) {
+        return false;
+    }
+    let has = ok(&["-n", &ns, "link", "set", "lo", "up"])
+        && ok(&[
+            "netns", "exec", &ns, "tc", "qdisc", "add", "dev", "lo", "root", "netem", "delay",
+            "1ms",
+        ]);
+    let _ = ok(&["netns", "del", &ns]);
+    has
+}
+
+/// Why `perf record` cannot sample a program here, if it cannot.
+fn perf_cannot_sample(dir: &std::path::Path) -> Option<String> {
+    let data = dir.join("probe.data");
+    let rec = Command::new("perf")
+        .args(["record", "-q", "-g", "-o"])
+        .arg(&data)
+        .args([
+            "--",
+            "sh",
+            "-c",
+            "i=0; while [ $i -lt 200000 ]; do i=$((i+1)); done",
+        ])
+        .output();
+    match rec {
+        Err(e) => return Some(format!("perf is not installed ({e})")),
+        Ok(o) if !o.status.success() => {
+            return Some(format!(
+                "perf record fails here: {}",
+                String::from_utf8_lossy(&o.stderr).trim()
+            ))
+        }
+        Ok(_) => {}
+    }
+    let rep = Command::new("perf")
+        .args(["report", "--stdio", "-i"])
+        .arg(&data)
+        .output();
+    match rep {
+        Ok(o) if String::from_utf8_lossy(&o.stdout).contains("Samples") => None,
+        Ok(o) => Some(format!(
+            "perf recorded no samples of a busy loop: {}",
+            String::from_utf8_lossy(&o.stderr).trim()
+        )),
+        Err(e) => Some(format!("perf report fails: {e}")),
+    }
+}
+
 const QUICK: [&str; 6] = ["--warmup", "300ms", "--tail", "200ms", "--quiet", "--size"];
 
 #[test]
@@ -70,9 +123,15 @@ fn small_bench_verifies_and_writes_a_valid_report() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "bench failed:\n{stdout}\n{stderr}");
+    let last = stdout.trim_end().lines().last().unwrap_or_default();
     assert!(
-        stdout.trim_end().ends_with("verified: yes"),
+        last.starts_with("verified: yes"),
         "the report must end with `verified: yes`:\n{stdout}"
+    );
+    assert_eq!(
+        stdout.matches("verified:").count(),
+        1,
+        "`verified` is said once:\n{stdout}"
     );
     let v: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
@@ -178,6 +237,10 @@ fn sparse_vm_sends_ranges_not_data() {
             "0.2",
             "--pattern",
             "hotset",
+            // Without transparent huge pages, so that a page never touched on
+            // the source is not populated (zero-filled) by its huge page.
+            "--thp",
+            "off",
             "--no-probe",
             "--json",
         ])
@@ -206,10 +269,8 @@ fn sparse_vm_sends_ranges_not_data() {
 
 #[test]
 fn netns_run_removes_its_namespaces() {
-    if let Some(why) = netns_unavailable() {
-        eprintln!("SKIPPED netns_run_removes_its_namespaces: {why}");
-        return;
-    }
+    let why = netns_unavailable();
+    require!(why.is_none(), "{}", why.unwrap_or_default());
     let _g = serial();
     let child = bin()
         .arg("bench")
@@ -233,11 +294,11 @@ fn netns_run_removes_its_namespaces() {
 
 #[test]
 fn netem_options_fail_clearly_and_clean_up() {
-    if let Some(why) = netns_unavailable() {
-        eprintln!("SKIPPED netem_options_fail_clearly_and_clean_up: {why}");
-        return;
-    }
+    let why = netns_unavailable();
+    require!(why.is_none(), "{}", why.unwrap_or_default());
     let _g = serial();
+    // Whether this kernel has netem, asked of tc itself, not of the bench.
+    let netem = kernel_has_netem();
     let child = bin()
         .arg("bench")
         .args(QUICK)
@@ -248,10 +309,16 @@ fn netem_options_fail_clearly_and_clean_up() {
         .unwrap();
     let pid = child.id();
     let out = child.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
-    if out.status.success() {
-        eprintln!("SKIPPED netem_options_fail_clearly_and_clean_up: this kernel has netem, so --delay works");
+    if netem {
+        assert!(
+            out.status.success(),
+            "this kernel has netem, so --delay must work:\n{stdout}\n{stderr}"
+        );
+        assert!(stdout.contains("verified: yes"), "{stdout}");
     } else {
+        assert!(!out.status.success(), "{stdout}");
         assert!(
             stderr.contains("netem") && stderr.contains("does not have"),
             "the error must say that netem is missing: {stderr}"
@@ -270,10 +337,8 @@ fn netem_options_fail_clearly_and_clean_up() {
 
 #[test]
 fn interrupted_netns_run_removes_its_namespaces() {
-    if let Some(why) = netns_unavailable() {
-        eprintln!("SKIPPED interrupted_netns_run_removes_its_namespaces: {why}");
-        return;
-    }
+    let why = netns_unavailable();
+    require!(why.is_none(), "{}", why.unwrap_or_default());
     let _g = serial();
     let child = bin()
         .args([
@@ -310,10 +375,8 @@ fn interrupted_netns_run_removes_its_namespaces() {
 
 #[test]
 fn a_netns_run_sweeps_namespaces_left_by_a_killed_run() {
-    if let Some(why) = netns_unavailable() {
-        eprintln!("SKIPPED a_netns_run_sweeps_namespaces_left_by_a_killed_run: {why}");
-        return;
-    }
+    let why = netns_unavailable();
+    require!(why.is_none(), "{}", why.unwrap_or_default());
     let _g = serial();
     // A run killed with SIGKILL leaves its namespaces; its PID is gone.
     let dead = {
@@ -351,16 +414,11 @@ fn a_netns_run_sweeps_namespaces_left_by_a_killed_run() {
 
 #[test]
 fn perf_profiles_post_copy_only_when_asked() {
-    if !Command::new("perf")
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| o.status.success())
-    {
-        eprintln!("SKIPPED perf_profiles_post_copy_only_when_asked: perf is not installed");
-        return;
-    }
     let _g = serial();
     let dir = tmp("perf");
+    std::fs::create_dir_all(&dir).unwrap();
+    let why = perf_cannot_sample(&dir);
+    require!(why.is_none(), "{}", why.unwrap_or_default());
     let out = bin()
         .arg("bench")
         .args(QUICK)
@@ -375,12 +433,14 @@ fn perf_profiles_post_copy_only_when_asked() {
     );
     assert!(String::from_utf8_lossy(&out.stdout).contains("verified: yes"));
     let summary = std::fs::read_to_string(dir.join("ringfault.txt")).unwrap();
-    if summary.contains("Samples") {
-        // The source's warm-up workload ran before recording began.
-        assert!(summary.contains("rf-bulk"), "{summary}");
-    } else {
-        eprintln!("perf recorded nothing here (no permission for perf events?): {summary}");
-    }
+    assert!(
+        summary.contains("Samples"),
+        "perf can sample here: {summary}"
+    );
+    // Post-copy threads of both ends: the destination's bulk worker and the
+    // source's pusher, which exist only after the switch-over.
+    assert!(summary.contains("rf-bulk"), "{summary}");
+    assert!(summary.contains("rf-push"), "{summary}");
 }
 
 #[test]
@@ -450,45 +510,62 @@ fn serve_a_memory_file_and_receive_it() {
 }
 
 #[test]
-fn a_wrong_key_fails_with_one_clear_line() {
+fn a_wrong_key_fails_with_one_clear_line_and_the_source_keeps_serving() {
     let _g = serial();
     let (ka, kb) = (tmp("ka"), tmp("kb"));
     std::fs::write(&ka, "key-number-one-0123456789").unwrap();
     std::fs::write(&kb, "key-number-two-0123456789").unwrap();
-    let mut serve = bin()
-        .args([
-            "serve",
-            "--listen",
-            "tcp:127.0.0.1:0",
-            "--synthetic",
-            "16M",
-            "--threads",
-            "0",
-            "--key-file",
-        ])
-        .arg(&ka)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(serve.stdout.take().unwrap()).lines();
-    let first = lines.next().unwrap().unwrap();
-    let addr = first.strip_prefix("listening on ").unwrap().to_owned();
+    let mut cmd = bin();
+    cmd.args([
+        "serve",
+        "--listen",
+        "tcp:127.0.0.1:0",
+        "--synthetic",
+        "16M",
+        "--threads",
+        "0",
+        "--key-file",
+    ])
+    .arg(&ka);
+    let mut serve = ChildProc::spawn(cmd);
+    let addr = serve.expect("listening on ", Duration::from_secs(30));
     let out = bin()
         .args(["receive", "--from", &addr, "--key-file"])
         .arg(&kb)
         .output()
         .unwrap();
-    assert!(!out.status.success());
+    assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.starts_with("ringfault: error:"), "{err}");
     assert!(err.contains("authentication"), "{err}");
-    let s = serve.wait_with_output().unwrap();
-    assert!(!s.status.success());
-    let serr = String::from_utf8_lossy(&s.stderr);
-    assert!(serr.contains("ringfault: error:"), "{serr}");
+    assert_eq!(err.trim().lines().count(), 1, "one clear line: {err}");
+    // The source refused the stranger, said so, and serves the right key.
+    assert!(
+        serve.try_exit().is_none(),
+        "serve must survive a stranger: {}",
+        serve.stderr()
+    );
+    let out = bin()
+        .args(["receive", "--from", &addr, "--threads", "0", "--key-file"])
+        .arg(&ka)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serve.expect("done: ", Duration::from_secs(30));
+    let (status, _) = serve.wait_exit(Duration::from_secs(10));
+    let serr = serve.stderr();
+    assert!(status.success(), "{serr}");
+    assert!(
+        serr.contains("authentication"),
+        "the refusal is logged: {serr}"
+    );
     // A key file that is too short is refused before any connection.
-    std::fs::write(&ka, "short").unwrap();
+    let short = tmp("short");
+    std::fs::write(&short, "short").unwrap();
     let out = bin()
         .args([
             "serve",
@@ -498,9 +575,14 @@ fn a_wrong_key_fails_with_one_clear_line() {
             "16M",
             "--key-file",
         ])
-        .arg(&ka)
+        .arg(&short)
         .output()
         .unwrap();
-    assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("key"));
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("key"), "{err}");
+    assert!(
+        !String::from_utf8_lossy(&out.stdout).contains("listening"),
+        "it never listened"
+    );
 }

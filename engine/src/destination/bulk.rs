@@ -62,7 +62,14 @@ impl BulkLane {
         let mut used = 0usize;
         loop {
             let mut pages = 0u64;
-            let r = self.inbound.next(ring, layout, |got| handle(inst, lane, got, &mut pages))?;
+            let before = self.inbound.verify_ns;
+            let r = self
+                .inbound
+                .next(ring, layout, |got| handle(inst, lane, got, &mut pages))?;
+            Counters::add(
+                &inst.counters.stage_verify_ns,
+                self.inbound.verify_ns - before,
+            );
             let Some(frame) = r else {
                 return Ok(Work::Idle);
             };
@@ -101,14 +108,27 @@ enum Handled {
     Phase(Phase),
 }
 
-fn handle(inst: &Installer, lane: LaneId, got: Got<'_>, pages: &mut u64) -> Result<Handled, EngineError> {
+fn handle(
+    inst: &Installer,
+    lane: LaneId,
+    got: Got<'_>,
+    pages: &mut u64,
+) -> Result<Handled, EngineError> {
     match got {
         Got::Pages(h, payload) => {
-            let ri = inst
-                .space
-                .index_of(h.region)
-                .ok_or_else(|| EngineError::Internal(format!("validated region {} vanished", h.region)))?;
+            let ri = inst.space.index_of(h.region).ok_or_else(|| {
+                EngineError::Internal(format!("validated region {} vanished", h.region))
+            })?;
+            if let Some(g) = inst.precopy.get().filter(|g| g.active()) {
+                // Pre-copy: straight into memory, which is not registered yet.
+                let mut lap = crate::stats::Lap::start();
+                *pages += g.write(inst, ri, h.first_page, u64::from(h.count), h.kind, payload)?;
+                lap.lap(&inst.counters.stage_install_ns);
+                return Ok(Handled::Bytes(usize::try_from(h.payload_len).unwrap_or(0)));
+            }
+            let mut lap = crate::stats::Lap::start();
             let out = inst.install(ri, h.first_page, u64::from(h.count), h.kind, payload)?;
+            lap.lap(&inst.counters.stage_install_ns);
             if h.kind == PageKind::Data {
                 Counters::add(&inst.counters.bulk_pages, out.installed);
             }
@@ -143,7 +163,21 @@ fn handle(inst: &Installer, lane: LaneId, got: Got<'_>, pages: &mut u64) -> Resu
             Ok(Handled::Bytes(0))
         }
         Got::Control(Message::Heartbeat) => Ok(Handled::Bytes(0)),
-        Got::Control(Message::Phase(p)) => Ok(Handled::Phase(p)),
+        Got::Control(Message::Phase(p)) => {
+            if p.kind == ringfault_proto::PhaseKind::SwitchOver {
+                match inst.precopy.get() {
+                    Some(g) if g.active() => g.arrive_and_wait(lane)?,
+                    _ => {
+                        return Err(EngineError::Unexpected {
+                            lane,
+                            kind: ringfault_proto::MsgKind::Phase,
+                            state: "outside pre-copy",
+                        })
+                    }
+                }
+            }
+            Ok(Handled::Phase(p))
+        }
         Got::Control(Message::Error(e)) => Err(peer_error(e)),
         Got::Control(other) => Err(EngineError::Unexpected {
             lane,
@@ -187,6 +221,7 @@ pub fn run_worker(
     let mut ring = Ring::new(64)?;
     let mut bulk = BulkLane::new(link, &mut ring, buf, 1, started)?;
     let mut events = Vec::with_capacity(64);
+    let mut lap = crate::stats::Lap::start();
     loop {
         events.clear();
         ring.events(&mut events)?;
@@ -226,10 +261,12 @@ pub fn run_worker(
                 silent_s: silent.as_secs_f64(),
             });
         }
+        lap.skip();
         if work == Work::Busy {
             ring.submit()?;
         } else {
             ring.submit_and_wait(Some(cfg.liveness / 4))?;
         }
+        lap.lap(&inst.counters.stage_receive_ns);
     }
 }

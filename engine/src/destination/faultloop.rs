@@ -30,12 +30,25 @@
 //! * io_uring's read on a userfaultfd only waits for events if the file is
 //!   non-blocking (`O_NONBLOCK`); the loop sets it on a VMM's descriptor.
 //!
+//! # Several userfaultfds
+//! An installer built with [`Installer::for_tasks`] serves one userfaultfd
+//! per process (CRIU restores a process tree). The loop then reads every
+//! one of them: one multishot read per userfaultfd, each into its own slot
+//! ring (whose id names the owner), or, when REMOVE events are possible, one
+//! multishot poll per userfaultfd whose token names the owner
+//! ([`TOKEN_POLL_BASE`] + owner, above every page-source token). A fault is
+//! located among its owner's regions only ([`PageSpace::locate_addr_in`]).
+//! Faults outside every region and the events the loop does not apply
+//! itself (FORK, REMAP, UNMAP) go to [`PageSource::fault_outside`] and
+//! [`PageSource::uffd_event`], in the order they were read.
+//!
+//! [`PageSpace::locate_addr_in`]: crate::space::PageSpace::locate_addr_in
+//!
 //! [`RemoveGate`]: super::install::RemoveGate
 
 use std::os::fd::AsFd;
 use std::time::{Duration, Instant};
 
-use hdrhistogram::Histogram;
 use super::install::Installer;
 use super::pages::{Cx, Finish, PageSource, Work, TOKEN_SOURCE};
 use crate::error::EngineError;
@@ -45,10 +58,13 @@ use crate::sys::affinity::{place_current_thread, SchedClass};
 use crate::sys::bufring::SlotRing;
 use crate::sys::ring::{Event, Ring, SlotsId};
 use crate::sys::uffd::{self, Event as UffdEvent, UffdMsg, UFFD_MSG_SIZE};
+use hdrhistogram::Histogram;
 
 const TOKEN_UFFD: u32 = 1;
-const TOKEN_POLL: u32 = 2;
 const TOKEN_NOTIFY: u32 = 3;
+/// Token of the multishot poll of the userfaultfd of owner `k`: this plus
+/// `k`. Page sources use tokens from [`TOKEN_SOURCE`] up to this.
+pub const TOKEN_POLL_BASE: u32 = 1 << 31;
 
 /// Events per slot of the userfaultfd slot ring.
 const EVENTS_PER_SLOT: usize = 64;
@@ -78,9 +94,21 @@ pub struct LoopReport {
 
 enum EventInput {
     /// A multishot read into this slot ring.
-    Multishot,
+    Multishot(SlotsId),
     /// `read(2)` under the gate when the poll says so.
     Polled { ready: bool },
+}
+
+/// What the loop hands the page source after a batch of events.
+enum Forward {
+    /// A fault outside every region of its owner.
+    Outside(u64),
+    /// A non-cooperative event the loop does not apply itself.
+    Event(UffdEvent),
+}
+
+fn poll_token(owner: u32) -> u32 {
+    TOKEN_POLL_BASE.saturating_add(owner)
 }
 
 /// Runs the loop until the page source says the session is done.
@@ -89,7 +117,12 @@ pub fn run<S: PageSource>(
     source: &mut S,
     cfg: &LoopConfig,
 ) -> Result<LoopReport, EngineError> {
-    place_current_thread(cfg.name, cfg.core.is_some(), cfg.core.unwrap_or(0), cfg.class);
+    place_current_thread(
+        cfg.name,
+        cfg.core.is_some(),
+        cfg.core.unwrap_or(0),
+        cfg.class,
+    );
     let mut l = Loop {
         inst,
         table: DemandTable::new(),
@@ -97,8 +130,14 @@ pub fn run<S: PageSource>(
         fetch: Vec::new(),
         msgs: vec![UffdMsg::default(); EVENTS_PER_SLOT],
         unregistered: false,
+        forward: Vec::new(),
     };
+    let cpu0 = crate::stats::thread_cpu_ns();
     let result = l.run(source, cfg);
+    Counters::add(
+        &inst.counters.fault_loop_cpu_ns,
+        crate::stats::thread_cpu_ns().saturating_sub(cpu0),
+    );
     source.stop(result.as_ref().err());
     result.map(|()| LoopReport { hist: l.hist })
 }
@@ -112,24 +151,32 @@ struct Loop<'a> {
     /// Guest memory is unregistered: faults read before that are over
     /// (unregistering woke their threads, which now fault normally).
     unregistered: bool,
+    /// Faults and events for the page source, by owner, in reading order.
+    forward: Vec<(u32, Forward)>,
 }
 
 impl Loop<'_> {
     fn run<S: PageSource>(&mut self, source: &mut S, cfg: &LoopConfig) -> Result<(), EngineError> {
         let inst = self.inst;
-        uffd::ensure_nonblocking(&inst.uffd)
-            .map_err(|e| EngineError::io("making the userfaultfd non-blocking", e))?;
         let mut ring = Ring::new(256)?;
         let note = ring.add_slots(SlotRing::new(8, 4)?)?;
         ring.read_multishot(inst.notifier.as_fd(), note, TOKEN_NOTIFY)?;
-        let mut input = if inst.gate.is_some() {
-            ring.poll_multishot(inst.uffd.as_fd(), TOKEN_POLL)?;
-            EventInput::Polled { ready: true }
-        } else {
-            let slots = ring.add_slots(SlotRing::new(UFFD_MSG_SIZE * EVENTS_PER_SLOT, 16)?)?;
-            ring.read_multishot(inst.uffd.as_fd(), slots, TOKEN_UFFD)?;
-            EventInput::Multishot
-        };
+        let mut inputs = Vec::new();
+        for owner in 0..inst.uffd_count() {
+            let u = inst.uffd_of(owner).ok_or_else(|| {
+                EngineError::Internal(format!("no userfaultfd for owner {owner}"))
+            })?;
+            uffd::ensure_nonblocking(u)
+                .map_err(|e| EngineError::io("making the userfaultfd non-blocking", e))?;
+            inputs.push(if inst.gate.is_some() {
+                ring.poll_multishot(u.as_fd(), poll_token(owner))?;
+                EventInput::Polled { ready: true }
+            } else {
+                let slots = ring.add_slots(SlotRing::new(UFFD_MSG_SIZE * EVENTS_PER_SLOT, 16)?)?;
+                ring.read_multishot(u.as_fd(), slots, TOKEN_UFFD)?;
+                EventInput::Multishot(slots)
+            });
+        }
         source.start(&mut Cx {
             ring: &mut ring,
             inst,
@@ -141,11 +188,13 @@ impl Loop<'_> {
             ring.events(&mut events)?;
             let now = Instant::now();
             for ev in events.drain(..) {
-                self.dispatch(&mut ring, &mut input, source, ev, now, note)?;
+                self.dispatch(&mut ring, &mut inputs, source, ev, now, note)?;
             }
-            if let EventInput::Polled { ready } = &mut input {
-                if std::mem::take(ready) {
-                    self.read_gated(now)?;
+            for (owner, input) in (0u32..).zip(inputs.iter_mut()) {
+                if let EventInput::Polled { ready } = input {
+                    if std::mem::take(ready) {
+                        self.read_gated(owner, now)?;
+                    }
                 }
             }
             let backlog = inst
@@ -153,14 +202,24 @@ impl Loop<'_> {
                 .lock()
                 .map(|mut b| std::mem::take(&mut *b))
                 .unwrap_or_default();
-            for ev in backlog {
-                self.on_event(ev, now)?;
+            for (owner, ev) in backlog {
+                self.on_event(owner, ev, now)?;
             }
             let mut cx = Cx {
                 ring: &mut ring,
                 inst,
                 now,
             };
+            for (owner, f) in std::mem::take(&mut self.forward) {
+                match f {
+                    Forward::Outside(addr) => source.fault_outside(&mut cx, owner, addr)?,
+                    Forward::Event(ev) => {
+                        if !source.uffd_event(&mut cx, owner, ev)? {
+                            unhandled(owner, ev);
+                        }
+                    }
+                }
+            }
             if source.refetch() {
                 self.fetch.extend(self.table.pages());
             }
@@ -169,9 +228,12 @@ impl Loop<'_> {
                 source.fetch(&mut cx, &pages)?;
                 self.fetch = pages;
                 self.fetch.clear();
+                // A source that installs at once (a local file) resolved
+                // these faults now, not after the turn's background work.
+                self.resolve(Instant::now());
             }
             let work = source.work(&mut cx)?;
-            self.resolve(now);
+            self.resolve(Instant::now());
             if inst.present.all_set() {
                 match source.finish(&mut cx)? {
                     Finish::Pending => {}
@@ -179,6 +241,9 @@ impl Loop<'_> {
                         if cfg.unregister && !self.unregistered {
                             self.unregister()?;
                             self.unregistered = true;
+                            if let Some(h) = inst.huge.get() {
+                                h.sweep();
+                            }
                         }
                         if source.finish(&mut cx)? == Finish::Done {
                             break;
@@ -194,19 +259,41 @@ impl Loop<'_> {
             }
         }
         self.resolve(Instant::now());
+        if self.unregistered {
+            for (owner, input) in (0u32..).zip(inputs.iter()) {
+                if matches!(input, EventInput::Polled { .. }) {
+                    // An event queued before unregistering (a balloon's
+                    // REMOVE) holds the thread that caused it until it is
+                    // read: read what is left, so that no madvise() in the
+                    // guest's owner waits forever.
+                    self.read_gated(owner, Instant::now())?;
+                }
+            }
+        }
         Ok(())
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn dispatch<S: PageSource>(
         &mut self,
         ring: &mut Ring,
-        input: &mut EventInput,
+        inputs: &mut [EventInput],
         source: &mut S,
         ev: Event,
         now: Instant,
         note: SlotsId,
     ) -> Result<(), EngineError> {
         let inst = self.inst;
+        let owner_of_slots = |inputs: &[EventInput], slots: SlotsId| {
+            (0u32..)
+                .zip(inputs.iter())
+                .find(|(_, i)| matches!(i, EventInput::Multishot(s) if *s == slots))
+                .map(|(k, _)| k)
+        };
+        let uffd_of = |owner: u32| {
+            inst.uffd_of(owner)
+                .ok_or_else(|| EngineError::Internal(format!("no userfaultfd for owner {owner}")))
+        };
         match ev {
             Event::Slot {
                 token: TOKEN_UFFD,
@@ -214,48 +301,58 @@ impl Loop<'_> {
                 bid,
                 len,
             } => {
+                let owner = owner_of_slots(inputs, slots).unwrap_or(0);
                 let mut parsed = Vec::with_capacity(len / UFFD_MSG_SIZE);
                 if let Some(bytes) = ring.slots(slots).slot(bid, len) {
                     parsed.extend(uffd::parse_all(bytes));
                 }
                 ring.slots_mut(slots).recycle(bid);
                 for e in parsed {
-                    self.on_event(e, now)?;
+                    self.on_event(owner, e, now)?;
                 }
             }
             Event::ReadEnded {
                 token: TOKEN_UFFD,
                 slots,
                 result,
-            } => match result {
-                // The kernel stops a multishot read when the slots run out
-                // (ENOBUFS) or at will; re-arm.
-                Ok(()) => ring.read_multishot(inst.uffd.as_fd(), slots, TOKEN_UFFD)?,
-                Err(e) if matches!(e.raw_os_error(), Some(libc::ENOBUFS | libc::EINTR | libc::EAGAIN)) => {
-                    ring.read_multishot(inst.uffd.as_fd(), slots, TOKEN_UFFD)?
-                }
-                Err(e) => return Err(EngineError::io("reading userfaultfd events", e)),
-            },
-            Event::Polled {
-                token: TOKEN_POLL,
-                result,
-            } => match result {
-                Ok(true) => {
-                    if let EventInput::Polled { ready } = input {
-                        *ready = true;
+            } => {
+                let owner = owner_of_slots(inputs, slots).unwrap_or(0);
+                match result {
+                    // The kernel stops a multishot read when the slots run out
+                    // (ENOBUFS) or at will; re-arm.
+                    Ok(()) => ring.read_multishot(uffd_of(owner)?.as_fd(), slots, TOKEN_UFFD)?,
+                    Err(e)
+                        if matches!(
+                            e.raw_os_error(),
+                            Some(libc::ENOBUFS | libc::EINTR | libc::EAGAIN)
+                        ) =>
+                    {
+                        ring.read_multishot(uffd_of(owner)?.as_fd(), slots, TOKEN_UFFD)?
                     }
+                    Err(e) => return Err(EngineError::io("reading userfaultfd events", e)),
                 }
-                Ok(false) => {
-                    ring.poll_multishot(inst.uffd.as_fd(), TOKEN_POLL)?;
-                    if let EventInput::Polled { ready } = input {
-                        *ready = true;
+            }
+            Event::Polled { token, result } if token >= TOKEN_POLL_BASE => {
+                let owner = token - TOKEN_POLL_BASE;
+                let input = inputs.get_mut(usize::try_from(owner).unwrap_or(usize::MAX));
+                match result {
+                    Ok(true) => {
+                        if let Some(EventInput::Polled { ready }) = input {
+                            *ready = true;
+                        }
                     }
+                    Ok(false) => {
+                        ring.poll_multishot(uffd_of(owner)?.as_fd(), token)?;
+                        if let Some(EventInput::Polled { ready }) = input {
+                            *ready = true;
+                        }
+                    }
+                    Err(e) if e.raw_os_error() == Some(libc::EINTR) => {
+                        ring.poll_multishot(uffd_of(owner)?.as_fd(), token)?
+                    }
+                    Err(e) => return Err(EngineError::io("polling the userfaultfd", e)),
                 }
-                Err(e) if e.raw_os_error() == Some(libc::EINTR) => {
-                    ring.poll_multishot(inst.uffd.as_fd(), TOKEN_POLL)?
-                }
-                Err(e) => return Err(EngineError::io("polling the userfaultfd", e)),
-            },
+            }
             Event::Slot {
                 token: TOKEN_NOTIFY,
                 slots,
@@ -268,7 +365,12 @@ impl Loop<'_> {
                 ..
             } => match result {
                 Ok(()) => ring.read_multishot(inst.notifier.as_fd(), note, TOKEN_NOTIFY)?,
-                Err(e) if matches!(e.raw_os_error(), Some(libc::ENOBUFS | libc::EINTR | libc::EAGAIN)) => {
+                Err(e)
+                    if matches!(
+                        e.raw_os_error(),
+                        Some(libc::ENOBUFS | libc::EINTR | libc::EAGAIN)
+                    ) =>
+                {
                     ring.read_multishot(inst.notifier.as_fd(), note, TOKEN_NOTIFY)?
                 }
                 Err(e) => return Err(EngineError::io("reading the wake-up eventfd", e)),
@@ -282,39 +384,37 @@ impl Loop<'_> {
                     | Event::Polled { token, .. }
                     | Event::Sent { token, .. } => *token,
                 };
-                if token >= TOKEN_SOURCE {
-                    source.event(
-                        &mut Cx {
-                            ring,
-                            inst,
-                            now,
-                        },
-                        other,
-                    )?;
+                if (TOKEN_SOURCE..TOKEN_POLL_BASE).contains(&token) {
+                    source.event(&mut Cx { ring, inst, now }, other)?;
                 }
             }
         }
         Ok(())
     }
 
-    /// Reads every pending event with `read(2)` under the exclusive gate,
-    /// marking removed ranges before any install can run again.
-    fn read_gated(&mut self, now: Instant) -> Result<(), EngineError> {
+    /// Reads every pending event of `owner`'s userfaultfd with `read(2)`
+    /// under the exclusive gate, marking removed ranges before any install
+    /// can run again.
+    fn read_gated(&mut self, owner: u32, now: Instant) -> Result<(), EngineError> {
+        let uffd = self
+            .inst
+            .uffd_of(owner)
+            .ok_or_else(|| EngineError::Internal(format!("no userfaultfd for owner {owner}")))?;
         loop {
             let batch = {
                 let _g = self.inst.gate.as_ref().map(|g| g.exclusive());
-                let n = self.inst.uffd.read_events(&mut self.msgs)?;
+                let n = uffd.read_events(&mut self.msgs)?;
                 let evs: Vec<UffdEvent> = self.msgs[..n].iter().map(UffdMsg::parse).collect();
                 for ev in &evs {
                     if let UffdEvent::Remove { start, end } = ev {
-                        self.inst.mark_removed(*start, *end);
+                        self.inst.mark_removed_in(owner, *start, *end);
                     }
                 }
                 evs
             };
             let full = batch.len() == self.msgs.len();
             for ev in batch {
-                self.on_event(ev, now)?;
+                self.on_event(owner, ev, now)?;
             }
             if !full {
                 return Ok(());
@@ -322,7 +422,7 @@ impl Loop<'_> {
         }
     }
 
-    fn on_event(&mut self, ev: UffdEvent, now: Instant) -> Result<(), EngineError> {
+    fn on_event(&mut self, owner: u32, ev: UffdEvent, now: Instant) -> Result<(), EngineError> {
         let inst = self.inst;
         match ev {
             UffdEvent::PageFault { addr, .. } => {
@@ -330,9 +430,9 @@ impl Loop<'_> {
                 if self.unregistered {
                     return Ok(());
                 }
-                let addr = usize::try_from(addr).unwrap_or(usize::MAX);
-                let Some((ri, page)) = inst.space.locate_addr(addr) else {
-                    tracing::error!("fault at {addr:#x} outside guest memory; the faulting thread stays blocked");
+                let at = usize::try_from(addr).unwrap_or(usize::MAX);
+                let Some((ri, page)) = inst.space.locate_addr_in(owner, at) else {
+                    self.forward.push((owner, Forward::Outside(addr)));
                     return Ok(());
                 };
                 let Some(g) = inst.space.global(ri, page) else {
@@ -348,20 +448,11 @@ impl Loop<'_> {
                     FaultAction::Coalesced => Counters::add(&inst.counters.coalesced_faults, 1),
                 }
             }
-            UffdEvent::Remove { start, end } => inst.mark_removed(start, end),
-            UffdEvent::Unmap { start, end } => {
-                tracing::warn!("guest memory {start:#x}..{end:#x} was unmapped by its owner");
-            }
-            UffdEvent::Remap { from, to, len } => {
-                tracing::warn!(
-                    "guest memory {from:#x}+{len:#x} was moved to {to:#x}; pages there are no longer served"
-                );
-            }
-            UffdEvent::Fork { ufd } => {
-                tracing::warn!("the guest's process forked; its userfaultfd {ufd} is closed, the child is not served");
-                uffd::close_forked(ufd);
-            }
-            UffdEvent::Unknown(code) => tracing::debug!("userfaultfd event {code:#x} ignored"),
+            UffdEvent::Remove { start, end } => inst.mark_removed_in(owner, start, end),
+            ev @ (UffdEvent::Unmap { .. }
+            | UffdEvent::Remap { .. }
+            | UffdEvent::Fork { .. }
+            | UffdEvent::Unknown(_)) => self.forward.push((owner, Forward::Event(ev))),
         }
         Ok(())
     }
@@ -385,11 +476,33 @@ impl Loop<'_> {
 
     fn unregister(&self) -> Result<(), EngineError> {
         for s in self.inst.space.spans() {
-            if s.base != 0 {
-                self.inst.uffd.unregister(s.base, s.len())?;
+            if s.base != 0 && !self.inst.is_gone(s.owner) {
+                if let Some(u) = self.inst.uffd_of(s.owner) {
+                    u.unregister(s.base, s.len())?;
+                }
             }
         }
         Ok(())
+    }
+}
+
+/// What the loop does with an event no page source handled.
+fn unhandled(owner: u32, ev: UffdEvent) {
+    match ev {
+        UffdEvent::Unmap { start, end } => {
+            tracing::warn!("guest memory {start:#x}..{end:#x} was unmapped by its owner ({owner})");
+        }
+        UffdEvent::Remap { from, to, len } => {
+            tracing::warn!(
+                "guest memory {from:#x}+{len:#x} was moved to {to:#x}; pages there are no longer served"
+            );
+        }
+        UffdEvent::Fork { ufd } => {
+            tracing::warn!("the guest's process forked; its userfaultfd {ufd} is closed, the child is not served");
+            uffd::close_forked(ufd);
+        }
+        UffdEvent::Unknown(code) => tracing::debug!("userfaultfd event {code:#x} ignored"),
+        UffdEvent::PageFault { .. } | UffdEvent::Remove { .. } => {}
     }
 }
 

@@ -53,8 +53,16 @@ pub struct FilePages {
     run_bytes: usize,
     faulted: bool,
     cursor: u64,
+    /// Once every page is present: keep serving (re-faults of removed pages
+    /// get zero pages) instead of asking the loop to unregister and end.
+    keep_serving: bool,
+    unregister_asked: bool,
+    /// Serving faults (counted as demand pages), not the background fill.
+    in_fetch: bool,
     /// Pages installed from the file.
     pub pages_copied: u64,
+    /// Bytes installed from the file.
+    pub bytes_copied: u64,
     /// Pages found zero (holes, or outside every extent).
     pub pages_zero: u64,
 }
@@ -105,7 +113,11 @@ impl FilePages {
         let map = if len == 0 {
             Mapping::anonymous(4096, 4096, Default::default())?
         } else {
-            Mapping::map_file_at(&file, 0, map_len.min(usize::try_from(len.next_multiple_of(4096)).unwrap_or(map_len)))?
+            Mapping::map_file_at(
+                &file,
+                0,
+                map_len.min(usize::try_from(len.next_multiple_of(4096)).unwrap_or(map_len)),
+            )?
         };
         Ok(FilePages {
             path: path.to_owned(),
@@ -116,9 +128,21 @@ impl FilePages {
             run_bytes: run_bytes.max(4096),
             faulted: false,
             cursor: 0,
+            keep_serving: false,
+            unregister_asked: false,
+            in_fetch: false,
             pages_copied: 0,
+            bytes_copied: 0,
             pages_zero: 0,
         })
+    }
+
+    /// Keeps the loop serving after every page is present, for owners that
+    /// stay registered (a balloon's removed pages then fault again, and get
+    /// zero pages), until the loop is stopped from outside.
+    pub fn keep_serving(mut self, keep: bool) -> FilePages {
+        self.keep_serving = keep;
+        self
     }
 
     fn extent_of(&self, region: usize, page: u64) -> Option<&Extent> {
@@ -130,7 +154,13 @@ impl FilePages {
     }
 
     /// Installs up to `max` pages of region `ri` from `page`; returns pages handled.
-    fn serve(&mut self, inst: &Installer, ri: usize, page: u64, max: u64) -> Result<u64, EngineError> {
+    fn serve(
+        &mut self,
+        inst: &Installer,
+        ri: usize,
+        page: u64,
+        max: u64,
+    ) -> Result<u64, EngineError> {
         let Some(span) = inst.space.span(ri).copied() else {
             return Ok(1);
         };
@@ -161,9 +191,22 @@ impl FilePages {
             }
         }
         let offset = usize::try_from(off).unwrap_or(usize::MAX);
-        match inst.install(ri, page, n, PageKind::Data, Payload::Mapped(&self.map, offset)) {
+        match inst.install(
+            ri,
+            page,
+            n,
+            PageKind::Data,
+            Payload::Mapped(&self.map, offset),
+        ) {
             Ok(out) => {
                 self.pages_copied += out.installed;
+                self.bytes_copied += out.installed << span.shift;
+                let c = if self.in_fetch {
+                    &inst.counters.demand_pages
+                } else {
+                    &inst.counters.bulk_pages
+                };
+                crate::stats::Counters::add(c, out.installed);
                 Ok(n)
             }
             Err(EngineError::Uffd(UffdError::Range { source, .. }))
@@ -173,7 +216,8 @@ impl FilePages {
                 Err(EngineError::MemoryFile {
                     path: self.path.clone(),
                     why: format!(
-                        "shrank to {len} bytes while being served; byte {off} is gone"
+                        "shrank to {len} bytes while being served; byte {} is gone",
+                        off.max(len)
                     ),
                 })
             }
@@ -189,12 +233,15 @@ impl PageSource for FilePages {
 
     fn fetch(&mut self, cx: &mut Cx<'_>, pages: &[u64]) -> Result<(), EngineError> {
         self.faulted = true;
-        for &g in pages {
-            if let Some((ri, page)) = cx.inst.space.locate(g) {
-                self.serve(cx.inst, ri, page, 1)?;
-            }
-        }
-        Ok(())
+        self.in_fetch = true;
+        let r = pages
+            .iter()
+            .try_for_each(|&g| match cx.inst.space.locate(g) {
+                Some((ri, page)) => self.serve(cx.inst, ri, page, 1).map(drop),
+                None => Ok(()),
+            });
+        self.in_fetch = false;
+        r
     }
 
     fn event(&mut self, _cx: &mut Cx<'_>, _ev: Event) -> Result<(), EngineError> {
@@ -221,7 +268,16 @@ impl PageSource for FilePages {
     }
 
     fn finish(&mut self, _cx: &mut Cx<'_>) -> Result<Finish, EngineError> {
-        Ok(Finish::Done)
+        if self.keep_serving {
+            return Ok(Finish::Pending);
+        }
+        // First the loop unregisters guest memory (from then on the kernel
+        // serves every fault, removed pages included), then it ends.
+        if std::mem::replace(&mut self.unregister_asked, true) {
+            Ok(Finish::Done)
+        } else {
+            Ok(Finish::Unregister)
+        }
     }
 
     fn stop(&mut self, _failed: Option<&EngineError>) {}

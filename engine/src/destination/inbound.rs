@@ -64,6 +64,8 @@ pub struct Inbound {
     pub last_rx: Instant,
     /// Bytes per 100 ms.
     pub timeline: Timeline,
+    /// Thread CPU ns spent checking tags.
+    pub verify_ns: u64,
     bounce: Vec<u8>,
 }
 
@@ -93,6 +95,7 @@ impl Inbound {
             frames: 0,
             last_rx: Instant::now(),
             timeline: Timeline::new(started),
+            verify_ns: 0,
             bounce: Vec::new(),
         };
         i.arm(ring)?;
@@ -147,7 +150,10 @@ impl Inbound {
                         {
                             return Err(EngineError::ConnectionLost { lane: self.lane });
                         }
-                        return Err(EngineError::io(format!("receiving on the {}", self.lane), e.kind().into()));
+                        return Err(EngineError::io(
+                            format!("receiving on the {}", self.lane),
+                            e.kind().into(),
+                        ));
                     }
                 }
             }
@@ -196,7 +202,8 @@ impl Inbound {
         } else {
             sr.copy_out(&mut hdr);
         }
-        let header = FrameHeader::parse(&hdr).map_err(|source| EngineError::Decode { lane, source })?;
+        let header =
+            FrameHeader::parse(&hdr).map_err(|source| EngineError::Decode { lane, source })?;
         let body_end = FRAME_HEADER_LEN + header.body_len_usize();
         if body_end > sr.size() {
             return Err(EngineError::FrameTooLarge {
@@ -220,7 +227,7 @@ impl Inbound {
             Message::Pages(h) => {
                 let p = h
                     .validate(layout)
-                    .map_err(|source| EngineError::Decode { lane, source })?;
+                    .map_err(|source| EngineError::validation(lane, source))?;
                 (
                     usize::from(h.pad_len),
                     usize::try_from(p).unwrap_or(usize::MAX),
@@ -243,19 +250,31 @@ impl Inbound {
             return Ok(None);
         }
         let contiguous = sr.readable().len() >= total;
+        let timed = payload > 0 && self.opener.tag_len() > 0;
+        let t0 = if timed {
+            crate::stats::thread_cpu_ns()
+        } else {
+            0
+        };
         let result = if contiguous {
             let frame = &mut sr.readable_mut()[..total];
             let (head, rest) = frame.split_at_mut(head_len);
             self.opener
                 .open(head, rest)
                 .map_err(|source| EngineError::Integrity { lane, source })?;
+            if timed {
+                self.verify_ns += crate::stats::thread_cpu_ns().saturating_sub(t0);
+            }
             match msg {
                 Message::Pages(h) if h.kind == PageKind::Data && self.moving => {
                     f(Got::Pages(h, Payload::Ring(sr, head_len)))?
                 }
                 Message::Pages(h) if h.kind == PageKind::Data => {
                     let frame = &sr.readable()[..total];
-                    f(Got::Pages(h, Payload::Bytes(&frame[head_len..head_len + payload])))?
+                    f(Got::Pages(
+                        h,
+                        Payload::Bytes(&frame[head_len..head_len + payload]),
+                    ))?
                 }
                 Message::Pages(h) => f(Got::Pages(h, Payload::Zero))?,
                 m => f(Got::Control(m))?,

@@ -11,8 +11,18 @@
 //!   balloon) is pending and must be read first: [`Installer::read_pending`]
 //!   reads it here, marks what it removed, and hands the events to the fault
 //!   loop; then the install is retried.
+//!
+//! One installer may serve several userfaultfds, one per address space
+//! ([`Installer::for_tasks`]: the processes of a CRIU restore): each region
+//! names its owner ([`RegionSpan::owner`](crate::space::RegionSpan)), and an
+//! install goes to that owner's userfaultfd. In that mode a process that
+//! exits is not an error: its ioctls fail with `ESRCH` (or `ENOSPC` before
+//! Linux 4.18's rename), its pages can never be needed again and are marked
+//! present ([`Installer::task_exited`]); an install into a range the process
+//! unmapped (`ENOENT`) settles those pages the same way.
 
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 
 use ringfault_proto::PageKind;
 
@@ -88,8 +98,16 @@ pub struct Outcome {
 /// Installs pages into guest memory; shared by every lane and page source.
 #[derive(Debug)]
 pub struct Installer {
-    /// The userfaultfd the regions are registered with.
+    /// The userfaultfd the regions are registered with (owner 0: the only
+    /// one unless the installer serves several processes).
     pub uffd: Uffd,
+    /// The userfaultfds of owners 1, 2, ... ([`Installer::for_tasks`]).
+    pub other_uffds: Vec<Uffd>,
+    /// Per owner: its process exited ([`Installer::for_tasks`] only).
+    gone: Vec<AtomicBool>,
+    /// Whether `ESRCH`/`ENOENT` from an install mean the owner exited or
+    /// unmapped the range, rather than an error.
+    tasks: bool,
     /// The regions and where they live.
     pub space: PageSpace,
     /// One bit per global page: present, or known to read as zero.
@@ -98,22 +116,33 @@ pub struct Installer {
     pub counters: Counters,
     /// Set when the userfaultfd may deliver REMOVE events.
     pub gate: Option<RemoveGate>,
-    /// Events read off the userfaultfd by an install that hit `EAGAIN`; the
-    /// fault loop handles them next.
-    pub backlog: Mutex<Vec<Event>>,
+    /// Events read off a userfaultfd (by owner) by an install that hit
+    /// `EAGAIN`; the fault loop handles them next.
+    pub backlog: Mutex<Vec<(u32, Event)>>,
     /// Wakes the fault loop (backlog filled, every page present, a lane failed).
     pub notifier: Notifier,
     /// A page of zeros the size of the largest page, for hugetlbfs zero fills
     /// (which cannot use `UFFDIO_ZEROPAGE`).
     zeros: std::sync::OnceLock<Vec<u8>>,
+    /// Collapses completed 2 MiB ranges of THP regions (own memory only).
+    pub huge: std::sync::OnceLock<super::huge::HugeKeeper>,
+    /// Pre-copy: frames go straight into memory until the switch-over.
+    pub precopy: std::sync::OnceLock<Arc<super::precopy::PrecopyGate>>,
 }
 
 impl Installer {
     /// An installer for `space` (whose regions live here, registered on `uffd`).
-    pub fn new(uffd: Uffd, space: PageSpace, guard_removes: bool) -> Result<Installer, EngineError> {
+    pub fn new(
+        uffd: Uffd,
+        space: PageSpace,
+        guard_removes: bool,
+    ) -> Result<Installer, EngineError> {
         let total = space.total();
         Ok(Installer {
             uffd,
+            other_uffds: Vec::new(),
+            gone: Vec::new(),
+            tasks: false,
             space,
             present: AtomicBitmap::new(total),
             counters: Counters::default(),
@@ -121,7 +150,118 @@ impl Installer {
             backlog: Mutex::new(Vec::new()),
             notifier: Notifier::new().map_err(|e| EngineError::io("creating an eventfd", e))?,
             zeros: std::sync::OnceLock::new(),
+            huge: std::sync::OnceLock::new(),
+            precopy: std::sync::OnceLock::new(),
         })
+    }
+
+    /// An installer for several processes: `uffds[k]` serves the regions
+    /// whose owner is `k`. A process that exits, or unmaps part of its
+    /// memory, settles its pages instead of failing installs (module docs).
+    pub fn for_tasks(
+        uffds: Vec<Uffd>,
+        space: PageSpace,
+        guard_removes: bool,
+    ) -> Result<Installer, EngineError> {
+        let n = uffds.len();
+        if n == 0 || usize::try_from(space.owners()).unwrap_or(usize::MAX) > n {
+            return Err(EngineError::Internal(format!(
+                "{n} userfaultfds for regions of {} owners",
+                space.owners()
+            )));
+        }
+        let mut it = uffds.into_iter();
+        let first = it
+            .next()
+            .ok_or_else(|| EngineError::Internal("no userfaultfd".into()))?;
+        let mut inst = Installer::new(first, space, guard_removes)?;
+        inst.other_uffds = it.collect();
+        inst.gone = (0..n).map(|_| AtomicBool::new(false)).collect();
+        inst.tasks = true;
+        Ok(inst)
+    }
+
+    /// The userfaultfds this installer serves (1 unless [`Installer::for_tasks`]).
+    pub fn uffd_count(&self) -> u32 {
+        u32::try_from(1 + self.other_uffds.len()).unwrap_or(u32::MAX)
+    }
+
+    /// The userfaultfd of `owner`.
+    pub fn uffd_of(&self, owner: u32) -> Option<&Uffd> {
+        match owner {
+            0 => Some(&self.uffd),
+            k => self
+                .other_uffds
+                .get(usize::try_from(k - 1).unwrap_or(usize::MAX)),
+        }
+    }
+
+    fn owner_uffd(&self, owner: u32) -> Result<&Uffd, EngineError> {
+        self.uffd_of(owner)
+            .ok_or_else(|| EngineError::Internal(format!("no userfaultfd for owner {owner}")))
+    }
+
+    /// Whether `owner`'s process exited (always false outside
+    /// [`Installer::for_tasks`]).
+    pub fn is_gone(&self, owner: u32) -> bool {
+        // Acquire: pairs with the Release in `task_exited`, so a reader that
+        // sees the flag also sees the owner's pages marked present.
+        self.gone
+            .get(usize::try_from(owner).unwrap_or(usize::MAX))
+            .is_some_and(|g| g.load(Ordering::Acquire))
+    }
+
+    /// Owners whose process exited.
+    pub fn gone_count(&self) -> usize {
+        self.gone
+            .iter()
+            .filter(|g| g.load(Ordering::Acquire))
+            .count()
+    }
+
+    /// `owner`'s process exited: none of its pages will ever be needed, so
+    /// all are marked present. Returns whether this call recorded it.
+    pub fn task_exited(&self, owner: u32) -> bool {
+        let Some(flag) = self.gone.get(usize::try_from(owner).unwrap_or(usize::MAX)) else {
+            return false;
+        };
+        if flag.load(Ordering::Acquire) {
+            return false;
+        }
+        for s in self.space.spans().iter().filter(|s| s.owner == owner) {
+            self.present.set_range(s.first, s.pages);
+        }
+        // Release: the pages above are marked before anyone sees the flag.
+        let first = !flag.swap(true, Ordering::AcqRel);
+        if self.present.all_set() {
+            self.notifier.notify();
+        }
+        first
+    }
+
+    /// In [`Installer::for_tasks`] mode, what an ioctl error on `owner`'s
+    /// userfaultfd means: `Some(true)` the process exited (recorded here),
+    /// `Some(false)` the range is no longer registered or mapped (the caller
+    /// settles it); `None` a real error.
+    fn task_gone_error(&self, owner: u32, e: &crate::sys::uffd::UffdError) -> Option<bool> {
+        use crate::sys::uffd::UffdError;
+        if !self.tasks {
+            return None;
+        }
+        let errno = match e {
+            UffdError::Range { source, .. } | UffdError::Read { source } => source.raw_os_error(),
+            _ => None,
+        };
+        match errno {
+            Some(libc::ESRCH | libc::ENOSPC) => {
+                if self.task_exited(owner) {
+                    tracing::info!("process of userfaultfd {owner} exited; its pages are dropped");
+                }
+                Some(true)
+            }
+            Some(libc::ENOENT) => Some(false),
+            _ => None,
+        }
     }
 
     /// Installs `count` pages of region index `ri` from page `first`, skipping
@@ -147,6 +287,7 @@ impl Installer {
         }
         let ps = span.page_size;
         let hugetlb = ps != 4096;
+        let uffd = self.owner_uffd(span.owner)?;
         let mut out = Outcome::default();
         let mut p = 0u64;
         // Each pass re-reads the present bits, so that a retry after EAGAIN
@@ -177,31 +318,60 @@ impl Installer {
                     let src = bytes.get(off..off + len).ok_or_else(|| {
                         EngineError::Internal("payload shorter than its pages".into())
                     })?;
-                    copy(&self.uffd, dst, src, true)?
+                    copy(uffd, dst, src, true)
                 }
-                Payload::Ring(ring, base) => move_out(&self.uffd, dst, ring, *base + off, len)?,
-                Payload::Mapped(map, base) => copy_mapped(&self.uffd, dst, map, *base + off, len, true)?,
+                Payload::Ring(ring, base) => move_out(uffd, dst, ring, *base + off, len),
+                Payload::Mapped(map, base) => copy_mapped(uffd, dst, map, *base + off, len, true),
                 Payload::Zero if hugetlb => {
-                    let z = self.zeros.get_or_init(|| vec![0u8; self.space.largest_page()]);
+                    let z = self
+                        .zeros
+                        .get_or_init(|| vec![0u8; self.space.largest_page()]);
                     let mut done = 0usize;
                     let mut last = Installed::Done(0);
+                    let mut failed = None;
                     while done < len {
-                        last = copy(&self.uffd, dst + done, &z[..ps], true)?;
+                        match copy(uffd, dst + done, &z[..ps], true) {
+                            Ok(r) => last = r,
+                            Err(e) => {
+                                failed = Some(e);
+                                break;
+                            }
+                        }
                         match last {
                             Installed::Done(b) => done += b,
                             _ => break,
                         }
                     }
-                    match last {
-                        Installed::Done(_) => Installed::Done(done),
-                        Installed::Again { done: d } => Installed::Again { done: done + d },
-                        Installed::Exists if done > 0 => Installed::Again { done },
-                        Installed::Exists => Installed::Exists,
+                    match (failed, last) {
+                        (Some(e), _) => Err(e),
+                        (None, Installed::Done(_)) => Ok(Installed::Done(done)),
+                        (None, Installed::Again { done: d }) => {
+                            Ok(Installed::Again { done: done + d })
+                        }
+                        (None, Installed::Exists) if done > 0 => Ok(Installed::Again { done }),
+                        (None, Installed::Exists) => Ok(Installed::Exists),
                     }
                 }
-                Payload::Zero => zero(&self.uffd, dst, len, true)?,
+                Payload::Zero => zero(uffd, dst, len, true),
             };
             drop(guard);
+            let res = match res {
+                Ok(r) => r,
+                Err(e) => match self.task_gone_error(span.owner, &e) {
+                    // Exited: every page of the owner is marked present now.
+                    Some(true) => return Ok(out),
+                    // Unmapped under us: nobody can fault on these pages
+                    // at this address again.
+                    Some(false) => {
+                        let settled = self.present.set_range(g, n);
+                        Counters::add(&self.counters.removed_pages, settled);
+                        out.duplicates += n;
+                        p += n;
+                        continue;
+                    }
+                    None => return Err(e.into()),
+                },
+            };
             let installed = match res {
                 Installed::Done(b) | Installed::Again { done: b } => (b / ps) as u64,
                 Installed::Exists => {
@@ -213,7 +383,7 @@ impl Installer {
             };
             if installed == 0 {
                 Counters::add(&self.counters.eagain_retries, 1);
-                self.read_pending()?;
+                self.read_pending_of(span.owner)?;
                 continue;
             }
             self.present.set_range(g, installed);
@@ -226,6 +396,9 @@ impl Installer {
             PageKind::Data => {}
         }
         Counters::add(&self.counters.duplicate_pages, out.duplicates);
+        if let (Some(h), PageKind::Data) = (self.huge.get(), kind) {
+            h.installed(ri, &span, first, count, &self.present);
+        }
         if self.present.all_set() {
             self.notifier.notify();
         }
@@ -240,15 +413,26 @@ impl Installer {
         let Some(s) = self.space.span(ri).copied() else {
             return Ok(());
         };
-        let dst = s.addr_of(page);
+        self.zero_fill(s.owner, s.addr_of(page), s.page_size)
+    }
+
+    /// Resolves a fault at `dst` (one page of `page_size` bytes) in the
+    /// address space of `owner` with a zero page, or wakes its threads if
+    /// the page is there already. For faults outside every region where the
+    /// owner's memory is known to read as zero (CRIU: registered, never
+    /// populated), and for known-zero pages ([`Installer::resolve_settled`]).
+    pub fn zero_fill(&self, owner: u32, dst: usize, page_size: usize) -> Result<(), EngineError> {
+        let uffd = self.owner_uffd(owner)?;
         loop {
-            let res = if s.page_size == 4096 {
+            let res = if page_size == 4096 {
                 let _g = self.gate.as_ref().map(RemoveGate::shared);
-                zero(&self.uffd, dst, s.page_size, true)
+                zero(uffd, dst, page_size, true)
             } else {
-                let z = self.zeros.get_or_init(|| vec![0u8; self.space.largest_page()]);
+                let z = self
+                    .zeros
+                    .get_or_init(|| vec![0u8; self.space.largest_page()]);
                 let _g = self.gate.as_ref().map(RemoveGate::shared);
-                copy(&self.uffd, dst, &z[..s.page_size], true)
+                copy(uffd, dst, &z[..page_size.min(z.len())], true)
             };
             let res = match res {
                 Ok(r) => r,
@@ -258,16 +442,24 @@ impl Installer {
                 {
                     return Ok(())
                 }
+                Err(e) if self.task_gone_error(owner, &e).is_some() => return Ok(()),
                 Err(e) => return Err(e.into()),
             };
             match res {
-                Installed::Done(_) => return Ok(()),
+                Installed::Done(_) => {
+                    Counters::add(&self.counters.zero_faults, 1);
+                    return Ok(());
+                }
                 Installed::Exists => {
-                    self.uffd.wake(dst, s.page_size)?;
+                    match uffd.wake(dst, page_size) {
+                        Ok(()) => {}
+                        Err(e) if self.task_gone_error(owner, &e).is_some() => {}
+                        Err(e) => return Err(e.into()),
+                    }
                     return Ok(());
                 }
                 Installed::Again { done } if done > 0 => return Ok(()),
-                Installed::Again { .. } => self.read_pending()?,
+                Installed::Again { .. } => self.read_pending_of(owner)?,
             }
         }
     }
@@ -276,9 +468,19 @@ impl Installer {
     /// that no install lands in them after the kernel's zap) and queues every
     /// event for the fault loop.
     pub fn read_pending(&self) -> Result<(), EngineError> {
+        self.read_pending_of(0)
+    }
+
+    /// [`Installer::read_pending`] for the userfaultfd of `owner`.
+    pub fn read_pending_of(&self, owner: u32) -> Result<(), EngineError> {
+        let uffd = self.owner_uffd(owner)?;
         let _g = self.gate.as_ref().map(RemoveGate::exclusive);
         let mut msgs = [UffdMsg::default(); 16];
-        let n = self.uffd.read_events(&mut msgs)?;
+        let n = match uffd.read_events(&mut msgs) {
+            Ok(n) => n,
+            Err(e) if self.task_gone_error(owner, &e).is_some() => return Ok(()),
+            Err(e) => return Err(e.into()),
+        };
         if n == 0 {
             // Not a pending event: let whoever holds the mm lock finish.
             std::thread::yield_now();
@@ -288,9 +490,9 @@ impl Installer {
         for m in msgs.iter().take(n) {
             let ev = m.parse();
             if let Event::Remove { start, end } = ev {
-                self.mark_removed(start, end);
+                self.mark_removed_in(owner, start, end);
             }
-            events.push(ev);
+            events.push((owner, ev));
         }
         if let Ok(mut b) = self.backlog.lock() {
             b.extend(events);
@@ -303,8 +505,14 @@ impl Installer {
     /// still has for those pages is stale. Mark them present so that no lane
     /// installs old bytes; a later fault there gets a zero page.
     pub fn mark_removed(&self, start: u64, end: u64) {
+        self.mark_removed_in(0, start, end);
+    }
+
+    /// [`Installer::mark_removed`] in the address space of userfaultfd
+    /// `owner` (also used for ranges a CRIU-restored process unmapped).
+    pub fn mark_removed_in(&self, owner: u32, start: u64, end: u64) {
         for s in self.space.spans() {
-            if s.base == 0 {
+            if s.base == 0 || s.owner != owner {
                 continue;
             }
             let lo = usize::try_from(start).unwrap_or(usize::MAX).max(s.base);
@@ -313,6 +521,7 @@ impl Installer {
                 let first = ((lo - s.base) >> s.shift) as u64;
                 let last = ((hi - s.base).div_ceil(s.page_size)) as u64;
                 self.present.set_range(s.first + first, last - first);
+                Counters::add(&self.counters.removed_pages, last - first);
             }
         }
         if self.present.all_set() {

@@ -16,10 +16,12 @@
 pub mod bulk;
 pub mod faultloop;
 pub mod file;
+pub mod huge;
 pub mod inbound;
 pub mod install;
 pub mod outbox;
 pub mod pages;
+pub mod precopy;
 pub mod remote;
 
 use std::os::fd::OwnedFd;
@@ -33,7 +35,7 @@ use crate::addr::PeerAddr;
 use crate::error::EngineError;
 use crate::handshake::random_bytes;
 use crate::space::PageSpace;
-use crate::stats::{hex, Counters, DestinationReport};
+use crate::stats::{hex, DestinationReport};
 use crate::sys::affinity::SchedClass;
 use crate::sys::guest::{GuestMemory, RegionSpec};
 use crate::sys::mapping::MapOptions;
@@ -59,6 +61,20 @@ pub enum InstallMode {
     Move,
 }
 
+/// Whether the destination checks a finished migration against the
+/// source's digests of every page (`crate::verify`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Verify {
+    /// Do not ask for digests.
+    #[default]
+    Off,
+    /// Take the digests if the source sends them (it decides: reading all of
+    /// its memory again costs it time).
+    IfSent,
+    /// The source must send them: connecting fails if it will not.
+    Required,
+}
+
 /// Destination settings.
 #[derive(Debug, Clone)]
 pub struct DestinationConfig {
@@ -78,7 +94,8 @@ pub struct DestinationConfig {
     pub pin_workers: bool,
     /// Run the fault loop `SCHED_FIFO` and bulk workers `SCHED_BATCH`, so that a
     /// fault preempts bulk work at once (needs `CAP_SYS_NICE`; without it the
-    /// threads keep their class and a warning is logged).
+    /// threads keep their class and a warning is logged). Off by default:
+    /// on few cores it lets a fault storm starve the bulk transfer.
     pub prioritize_demand: bool,
     /// Run the first bulk lane in the fault loop's ring instead of a thread.
     pub host_first_bulk: bool,
@@ -97,6 +114,8 @@ pub struct DestinationConfig {
     pub demand_interval: Duration,
     /// Demand requests allowed back to back before pacing applies.
     pub demand_burst: u32,
+    /// Digests of every page after completion.
+    pub verify: Verify,
 }
 
 impl DestinationConfig {
@@ -110,7 +129,7 @@ impl DestinationConfig {
             prefetch_before: 0,
             prefetch_after: 0,
             pin_workers: true,
-            prioritize_demand: true,
+            prioritize_demand: false,
             host_first_bulk: false,
             bulk_budget: 256 << 10,
             connect_patience: Duration::from_secs(10),
@@ -119,15 +138,14 @@ impl DestinationConfig {
             thp: true,
             demand_interval: Duration::ZERO,
             demand_burst: 64,
+            verify: Verify::Off,
         }
     }
 
     /// Checks every value; the message names the setting.
     pub fn validate(&self) -> Result<(), EngineError> {
         if self.bulk_channels == 0 || self.bulk_channels > 64 {
-            return Err(EngineError::Config(
-                "bulk channels must be 1 to 64".into(),
-            ));
+            return Err(EngineError::Config("bulk channels must be 1 to 64".into()));
         }
         if self.prefetch_before > ringfault_proto::MAX_PREFETCH
             || self.prefetch_after > ringfault_proto::MAX_PREFETCH
@@ -144,7 +162,8 @@ impl DestinationConfig {
         }
         if self.install == InstallMode::Move && self.protection == Protection::Aead {
             return Err(EngineError::Config(
-                "--install move cannot be combined with --encrypt (pages are decrypted in a copy)".into(),
+                "--install move cannot be combined with --encrypt (pages are decrypted in a copy)"
+                    .into(),
             ));
         }
         Ok(())
@@ -182,6 +201,10 @@ impl Progress {
     pub fn total(&self) -> u64 {
         self.inst.present.len()
     }
+    /// The live counters of whatever fills guest memory.
+    pub fn counters(&self) -> &crate::stats::Counters {
+        &self.inst.counters
+    }
     /// Whether global page `page` (pages numbered across regions in layout
     /// order) is present: lets a workload tell a first touch that faults from
     /// one that does not. False for an index out of range.
@@ -190,7 +213,10 @@ impl Progress {
     }
     /// Faults read so far.
     pub fn faults(&self) -> u64 {
-        self.inst.counters.faults.load(std::sync::atomic::Ordering::Relaxed)
+        self.inst
+            .counters
+            .faults
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
     /// Bytes received so far on every lane.
     pub fn wire_bytes(&self) -> u64 {
@@ -210,8 +236,14 @@ pub struct Destination {
     layout: Layout,
     memory: Option<Arc<GuestMemory>>,
     inst: Arc<Installer>,
-    demand: Framed,
+    /// The remote page source: `Ok` once started early (pre-copy), else the
+    /// demand lane it will start from.
+    remote: Result<RemotePages, Framed>,
     started: Instant,
+    /// What pre-copy did, when the source ran it.
+    precopy: Option<precopy::PrecopyStats>,
+    /// The source sends digests of every page after completion.
+    verifies: bool,
 }
 
 impl Destination {
@@ -253,23 +285,107 @@ impl Destination {
             bulk_channels: cfg.bulk_channels,
             moving: cfg.install == InstallMode::Move,
             connect_patience: cfg.connect_patience,
+            verify: cfg.verify != Verify::Off,
         };
-        let (demand, layout) =
-            link.open(Lane::Demand, 0, false, cfg.connect_patience, cfg.liveness)?;
+        let (demand, layout, flags) =
+            link.open_flags(Lane::Demand, 0, false, cfg.connect_patience, cfg.liveness)?;
+        let precopy = flags & ringfault_proto::WELCOME_PRECOPY != 0;
+        let verifies = flags & ringfault_proto::WELCOME_VERIFY != 0;
+        if cfg.verify == Verify::Required && !verifies {
+            return Err(EngineError::Unsupported(
+                "verification: this source does not send digests of its pages (it must be told to verify)"
+                    .into(),
+            ));
+        }
+        if precopy && (attached.is_some() || cfg.install == InstallMode::Move) {
+            return Err(EngineError::Config(
+                "the source runs pre-copy, which needs memory this destination maps itself and copy installs"
+                    .into(),
+            ));
+        }
         let (inst, memory) = match attached {
-            None => own_memory(&layout, &cfg)?,
+            None => own_memory(&layout, &cfg, !precopy)?,
             Some((fd, list)) => (attached_memory(&layout, fd, &list)?, None),
         };
+        let inst = Arc::new(inst);
+        if !precopy {
+            return Ok(Destination {
+                cfg,
+                link,
+                session,
+                layout,
+                memory,
+                inst,
+                remote: Err(demand),
+                started,
+                precopy: None,
+                verifies,
+            });
+        }
+        // Pre-copy: receive rounds until the switch-over, then return with
+        // memory registered and the rest to come by post-copy.
+        let mem = memory
+            .clone()
+            .ok_or_else(|| EngineError::Internal("pre-copy without own memory".into()))?;
+        let gate = Arc::new(precopy::PrecopyGate::new(mem));
+        let _ = inst.precopy.set(gate.clone());
+        let mut rcfg = remote_config(&cfg, verifies);
+        rcfg.host_first_bulk = false;
+        let mut rp = RemotePages::new(
+            link.clone(),
+            rcfg,
+            layout.clone(),
+            inst.clone(),
+            demand,
+            started,
+        );
+        let r = rp.spawn_bulk_early().and_then(|()| {
+            precopy::switch_over(
+                &mut rp,
+                &gate,
+                &inst,
+                &layout,
+                cfg.bulk_channels,
+                cfg.liveness,
+            )
+        });
+        let stats = match r {
+            Ok(s) => s,
+            Err(e) => {
+                gate.abort();
+                pages::PageSource::stop(&mut rp, Some(&e));
+                return Err(e);
+            }
+        };
+        tracing::info!(
+            "switch-over after pre-copy: {} pages discarded, barrier {:.1} ms",
+            stats.discarded,
+            stats.barrier_ms
+        );
         Ok(Destination {
             cfg,
             link,
             session,
             layout,
             memory,
-            inst: Arc::new(inst),
-            demand,
+            inst,
+            remote: Ok(rp),
             started,
+            precopy: Some(stats),
+            verifies,
         })
+    }
+
+    /// Pages the source's pre-copy left for post-copy to discard, and the
+    /// barrier's time; `None` for a pure post-copy session.
+    pub fn precopy(&self) -> Option<precopy::PrecopyStats> {
+        self.precopy
+    }
+
+    /// Whether the source will send digests of every page after completion
+    /// ([`DestinationReport::source_digests`]).
+    pub fn verifies(&self) -> bool {
+        self.verifies
     }
 
     /// The source's layout.
@@ -301,27 +417,23 @@ impl Destination {
             layout,
             memory,
             inst,
-            demand,
+            remote,
             started,
+            precopy: _,
+            verifies,
         } = self;
         let class = cfg.prioritize_demand;
-        let cores = crate::sys::affinity::online_cores().max(1);
-        let rcfg = RemoteConfig {
-            prefetch_before: cfg.prefetch_before,
-            prefetch_after: cfg.prefetch_after,
-            host_first_bulk: cfg.host_first_bulk,
-            worker: WorkerConfig {
-                core: cfg.pin_workers.then_some(1 % cores),
-                class: class.then_some(SchedClass::Batch),
-                budget: cfg.bulk_budget,
-                liveness: cfg.liveness,
-            },
-            liveness: cfg.liveness,
-            resume_timeout: cfg.resume_timeout,
-            demand_interval: cfg.demand_interval,
-            demand_burst: cfg.demand_burst,
+        let mut source = match remote {
+            Ok(rp) => rp,
+            Err(demand) => RemotePages::new(
+                link,
+                remote_config(&cfg, verifies),
+                layout.clone(),
+                inst.clone(),
+                demand,
+                started,
+            ),
         };
-        let mut source = RemotePages::new(link, rcfg, layout.clone(), inst.clone(), demand, started);
         let lcfg = LoopConfig {
             name: "fault loop",
             core: cfg.pin_workers.then_some(0),
@@ -331,7 +443,11 @@ impl Destination {
         let result = faultloop::run(&inst, &mut source, &lcfg);
         match result {
             Ok(rep) => {
-                let elapsed = started.elapsed();
+                // To every page present: not the end of the session, which
+                // waits for the source's digests when it verifies.
+                let elapsed = source
+                    .complete_at
+                    .map_or_else(|| started.elapsed(), |t| t.duration_since(started));
                 let channels = source.reports();
                 let bytes_total = layout.regions.iter().map(|r| r.size).sum();
                 let mut r = DestinationReport::build(
@@ -346,6 +462,7 @@ impl Destination {
                 r.protection = cfg.protection.name().into();
                 r.resumes = source.resumes;
                 r.metadata_bytes = inst.present.allocated_bytes();
+                r.source_digests = source.take_digests();
                 drop(memory);
                 Ok(r)
             }
@@ -376,9 +493,33 @@ fn features_for(layout: &Layout, moving: bool) -> Features {
     f
 }
 
+/// The remote page source's settings.
+fn remote_config(cfg: &DestinationConfig, verify: bool) -> RemoteConfig {
+    let cores = crate::sys::affinity::online_cores().max(1);
+    RemoteConfig {
+        prefetch_before: cfg.prefetch_before,
+        prefetch_after: cfg.prefetch_after,
+        host_first_bulk: cfg.host_first_bulk,
+        worker: WorkerConfig {
+            core: cfg.pin_workers.then_some(1 % cores),
+            class: cfg.prioritize_demand.then_some(SchedClass::Batch),
+            budget: cfg.bulk_budget,
+            liveness: cfg.liveness,
+        },
+        liveness: cfg.liveness,
+        resume_timeout: cfg.resume_timeout,
+        demand_interval: cfg.demand_interval,
+        demand_burst: cfg.demand_burst,
+        verify,
+    }
+}
+
+/// Maps guest memory for `layout`, registered at once unless `register` is
+/// false (pre-copy registers at the switch-over).
 fn own_memory(
     layout: &Layout,
     cfg: &DestinationConfig,
+    register: bool,
 ) -> Result<(Installer, Option<Arc<GuestMemory>>), EngineError> {
     let uffd = Uffd::open(UffdOptions {
         nonblock: true,
@@ -410,11 +551,26 @@ fn own_memory(
     )?;
     let mut bases = Vec::with_capacity(specs.len());
     for r in mem.regions() {
-        uffd.register(r.addr(), r.len(), RegisterMode::Missing)?;
+        if register {
+            uffd.register(r.addr(), r.len(), RegisterMode::Missing)?;
+        }
         bases.push(r.addr());
     }
     let space = PageSpace::new(layout, &bases);
-    Ok((Installer::new(uffd, space, false)?, Some(Arc::new(mem))))
+    let inst = Installer::new(uffd, space, false)?;
+    let mem = Arc::new(mem);
+    if cfg.thp {
+        // The keeper thread lives as long as the installer's reports can come.
+        match huge::HugeKeeper::start(mem.clone(), inst.space.spans()) {
+            Ok((keeper, _thread, _stats)) => {
+                let _ = inst.huge.set(keeper);
+            }
+            Err(e) => {
+                tracing::warn!("huge pages will not be restored: cannot start the keeper: {e}")
+            }
+        }
+    }
+    Ok((inst, Some(mem)))
 }
 
 fn attached_memory(

@@ -72,7 +72,11 @@ impl Outbox {
 
     /// Queues a demand request for `entries` (split into frames of at most
     /// `MAX_DEMAND_ENTRIES`).
-    pub fn push_demand(&mut self, request_id: u64, entries: &[DemandEntry]) -> Result<(), EngineError> {
+    pub fn push_demand(
+        &mut self,
+        request_id: u64,
+        entries: &[DemandEntry],
+    ) -> Result<(), EngineError> {
         for chunk in entries.chunks(ringfault_proto::MAX_DEMAND_ENTRIES) {
             let start = self.pending.len();
             encode_demand_frame(request_id, chunk, &mut self.pending);
@@ -96,19 +100,39 @@ impl Outbox {
         Ok(())
     }
 
+    /// Sends what is queued at once, without the ring and without blocking,
+    /// unless a ring send is in flight (the bytes would interleave): for the
+    /// `Error` frame that goes out just before the lane is closed. Best
+    /// effort; what does not fit in the socket buffer is dropped.
+    pub fn send_now(&mut self, sock: &crate::addr::Stream) {
+        if self.in_flight || self.pending.is_empty() {
+            return;
+        }
+        let flags = rustix::net::SendFlags::DONTWAIT | rustix::net::SendFlags::NOSIGNAL;
+        if let Ok(n) = rustix::net::send(sock, &self.pending, flags) {
+            self.sent_bytes += n as u64;
+        }
+        self.pending.clear();
+    }
+
     /// A send of this outbox completed.
-    pub fn on_sent(&mut self, result: &std::io::Result<usize>, buf: Vec<u8>) -> Result<(), EngineError> {
+    pub fn on_sent(
+        &mut self,
+        result: &std::io::Result<usize>,
+        buf: Vec<u8>,
+    ) -> Result<(), EngineError> {
         self.in_flight = false;
         self.spare = buf;
         match result {
             Ok(_) => Ok(()),
-            Err(e) if matches!(
-                e.kind(),
-                std::io::ErrorKind::BrokenPipe
-                    | std::io::ErrorKind::ConnectionReset
-                    | std::io::ErrorKind::ConnectionAborted
-                    | std::io::ErrorKind::TimedOut
-            ) || e.raw_os_error() == Some(libc::ETIMEDOUT) =>
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::BrokenPipe
+                        | std::io::ErrorKind::ConnectionReset
+                        | std::io::ErrorKind::ConnectionAborted
+                        | std::io::ErrorKind::TimedOut
+                ) || e.raw_os_error() == Some(libc::ETIMEDOUT) =>
             {
                 Err(EngineError::ConnectionLost { lane: self.lane })
             }

@@ -6,7 +6,8 @@
 //!   (and the bulk lanes it hosts in the loop's ring, if any);
 //! - `destination::file::FilePages`: a local memory file (Firecracker's local
 //!   mode, CRIU's page images), read with `pread`, never through a mapping;
-//! - the CRIU page server client (`criu::pageserver`).
+//! - CRIU's lazy pages: `criu::local::ImagePages` (page images) and
+//!   `criu::server::ServerPages` (CRIU's page server).
 //!
 //! The loop owns the ring and the userfaultfd events; a page source owns the
 //! ring operations it submits (their tokens are at or above
@@ -18,8 +19,10 @@ use std::time::{Duration, Instant};
 use crate::destination::install::Installer;
 use crate::error::EngineError;
 use crate::sys::ring::{Event, Ring};
+use crate::sys::uffd::Event as UffdEvent;
 
-/// Tokens below this belong to the fault loop itself.
+/// Tokens below this belong to the fault loop itself, and so do those from
+/// [`TOKEN_POLL_BASE`](super::faultloop::TOKEN_POLL_BASE) up.
 pub const TOKEN_SOURCE: u32 = 100;
 
 /// What a page source sees of the loop.
@@ -87,4 +90,30 @@ pub trait PageSource {
 
     /// The loop ends (done or failed): stop helpers, close connections.
     fn stop(&mut self, failed: Option<&EngineError>);
+
+    /// A fault at `addr` on userfaultfd `owner` (0 unless the installer
+    /// serves several) outside every region. By default the faulting thread
+    /// stays blocked and an error is logged: nothing is known about the page.
+    fn fault_outside(&mut self, cx: &mut Cx<'_>, owner: u32, addr: u64) -> Result<(), EngineError> {
+        let _ = cx;
+        tracing::error!(
+            "fault at {addr:#x} (userfaultfd {owner}) outside guest memory; the faulting thread stays blocked"
+        );
+        Ok(())
+    }
+
+    /// A non-cooperative event of userfaultfd `owner` that the loop does not
+    /// apply itself (UNMAP, REMAP, FORK, unknown). Returns whether the source
+    /// handled it; for FORK, handling means taking ownership of the new
+    /// descriptor. Unhandled events are logged, and a FORK's descriptor is
+    /// closed. REMOVE is applied by the loop and not passed here.
+    fn uffd_event(
+        &mut self,
+        cx: &mut Cx<'_>,
+        owner: u32,
+        ev: UffdEvent,
+    ) -> Result<bool, EngineError> {
+        let _ = (cx, owner, ev);
+        Ok(false)
+    }
 }

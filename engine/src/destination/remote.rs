@@ -31,8 +31,8 @@ use std::time::{Duration, Instant};
 
 use ringfault_proto::auth::PresharedKey;
 use ringfault_proto::{
-    encode_rle_chunks, Complete, DemandEntry, ErrorFrame, Lane, Layout, Message,
-    PageKind, Protection, SessionId,
+    encode_rle_chunks, Capabilities, Complete, DemandEntry, Digests, ErrorFrame, Lane, Layout,
+    Message, MsgKind, PageKind, Protection, SessionId,
 };
 
 use super::bulk::{run_worker, BulkLane, WorkerConfig};
@@ -42,10 +42,11 @@ use super::outbox::Outbox;
 use super::pages::{Cx, Finish, PageSource, Work, TOKEN_SOURCE};
 use crate::addr::{PeerAddr, Stream};
 use crate::error::{EngineError, LaneId};
-use crate::handshake::{destination_handshake, ChannelId};
+use crate::handshake::{destination_handshake, our_capabilities, ChannelId};
 use crate::stats::{ChannelReport, Counters};
 use crate::sys::bufring::StreamRing;
 use crate::sys::ring::Event;
+use crate::verify::{self, RegionDigests};
 use crate::wire::{peer_error, Framed};
 
 /// Bytes per stream-ring segment.
@@ -68,6 +69,9 @@ pub struct Link {
     pub moving: bool,
     /// How long to keep retrying a refused connection at the start.
     pub connect_patience: Duration,
+    /// Offer `VERIFY`: digests of every page after completion, if the
+    /// source sends them.
+    pub verify: bool,
 }
 
 impl Link {
@@ -93,7 +97,24 @@ impl Link {
         patience: Duration,
         liveness: Duration,
     ) -> Result<(Framed, Layout), EngineError> {
-        let stream = self.addr.connect(patience)?;
+        self.open_flags(lane, channel, resume, patience, liveness)
+            .map(|(f, l, _)| (f, l))
+    }
+
+    /// [`Link::open`], with the Welcome's flags.
+    pub fn open_flags(
+        &self,
+        lane: Lane,
+        channel: u16,
+        resume: bool,
+        patience: Duration,
+        liveness: Duration,
+    ) -> Result<(Framed, Layout, u32), EngineError> {
+        // An attempt unanswered for the liveness timeout is a dead link
+        // (a resume retries it; it must not outlast the resume deadline).
+        let stream = self
+            .addr
+            .connect_within(patience, Some(liveness.max(patience)))?;
         stream
             .set_liveness(liveness)
             .map_err(|e| EngineError::io("setting keepalive on a lane", e))?;
@@ -104,8 +125,13 @@ impl Link {
             self.session,
             resume,
             self.protection,
+            if self.verify {
+                our_capabilities()
+            } else {
+                Capabilities(our_capabilities().0 & !Capabilities::VERIFY.0)
+            },
         )?;
-        Ok((l.framed, l.layout))
+        Ok((l.framed, l.layout, l.flags))
     }
 
     /// A receive ring for a lane: mirrored, or private when moving pages.
@@ -143,6 +169,8 @@ pub struct RemoteConfig {
     pub demand_interval: Duration,
     /// Requests allowed back to back before pacing applies.
     pub demand_burst: u32,
+    /// The source sends `Digests` after `CompleteAck` (`WELCOME_VERIFY`).
+    pub verify: bool,
 }
 
 /// A token bucket for demand requests.
@@ -200,6 +228,8 @@ impl Pacer {
 enum State {
     Running,
     CompleteSent,
+    /// `CompleteAck` came; the source's digests are arriving (`verify`).
+    Verifying,
     Acked,
     ReleaseQueued,
     Done,
@@ -210,12 +240,17 @@ struct Worker {
     lane: LaneId,
     /// The lane's socket, once open, to shut it down.
     stop: Arc<Mutex<Option<Stream>>>,
+    /// Set by `shutdown`: a lane still opening then is shut as soon as it
+    /// is open (else `join` would wait for the whole lane's life).
+    halted: Arc<AtomicBool>,
     handle: JoinHandle<Result<ChannelReport, ()>>,
 }
 
 impl Worker {
     fn shutdown(&self) {
         if let Ok(s) = self.stop.lock() {
+            // Relaxed: written and read under the `stop` lock.
+            self.halted.store(true, Ordering::Relaxed);
             if let Some(s) = s.as_ref() {
                 s.shutdown();
             }
@@ -260,6 +295,12 @@ pub struct RemotePages {
     pub resumes: u32,
     demand_bytes: u64,
     demand_frames: u64,
+    /// The bulk workers were started before the loop (pre-copy).
+    spawned_early: bool,
+    /// The source's digests so far, region by region (`verify`).
+    digests: Vec<RegionDigests>,
+    /// When `Complete` went out: every page present.
+    pub complete_at: Option<Instant>,
 }
 
 impl std::fmt::Debug for RemotePages {
@@ -307,7 +348,29 @@ impl RemotePages {
             resumes: 0,
             demand_bytes: 0,
             demand_frames: 0,
+            spawned_early: false,
+            digests: Vec::new(),
+            complete_at: None,
         }
+    }
+
+    /// Pre-copy: starts every bulk worker now, before the loop runs.
+    pub fn spawn_bulk_early(&mut self) -> Result<(), EngineError> {
+        for ch in 1..=self.link.bulk_channels {
+            self.spawn_worker(ch, None)?;
+        }
+        self.spawned_early = true;
+        Ok(())
+    }
+
+    /// The demand lane, until the loop starts.
+    pub(crate) fn demand_link(&mut self) -> Option<&mut Framed> {
+        self.first.as_mut()
+    }
+
+    /// Where bulk workers report failures.
+    pub(crate) fn failures(&self) -> Arc<Mutex<Vec<EngineError>>> {
+        self.failures.clone()
     }
 
     fn tokens(&self) -> (u32, u32, u32) {
@@ -358,9 +421,11 @@ impl RemotePages {
                 self.hosted = Some(BulkLane::new(first, cx.ring, buf, t_hosted, self.started)?);
             }
         }
-        for (i, b) in bulk {
-            let ch = u16::try_from(i + 1).unwrap_or(u16::MAX);
-            self.spawn_worker(ch, b)?;
+        if !std::mem::take(&mut self.spawned_early) {
+            for (i, b) in bulk {
+                let ch = u16::try_from(i + 1).unwrap_or(u16::MAX);
+                self.spawn_worker(ch, b)?;
+            }
         }
         Ok(())
     }
@@ -397,6 +462,8 @@ impl RemotePages {
         };
         let stop = Arc::new(Mutex::new(stop));
         let stop_w = stop.clone();
+        let halted = Arc::new(AtomicBool::new(false));
+        let halted_w = halted.clone();
         let opener = self.link.clone();
         let liveness = self.cfg.liveness;
         let buf = self
@@ -432,6 +499,10 @@ impl RemotePages {
                                 )));
                             }
                             if let (Ok(mut s), Ok(c)) = (stop_w.lock(), l.stream.try_clone()) {
+                                // Relaxed: under the `stop` lock, as in `Worker::shutdown`.
+                                if halted_w.load(Ordering::Relaxed) {
+                                    c.shutdown();
+                                }
                                 *s = Some(c);
                             }
                             l
@@ -451,19 +522,42 @@ impl RemotePages {
                 }
             })
             .map_err(|e| EngineError::io("starting a bulk worker", e))?;
-        self.workers.push(Worker { lane, stop, handle });
+        self.workers.push(Worker {
+            lane,
+            stop,
+            halted,
+            handle,
+        });
         Ok(())
     }
 
     /// Whether the source may close lanes now (it acknowledged completion).
     fn ending(&self) -> bool {
-        matches!(self.state, State::Acked | State::ReleaseQueued | State::Done)
+        matches!(
+            self.state,
+            State::Verifying | State::Acked | State::ReleaseQueued | State::Done
+        )
+    }
+
+    /// Whether the demand lane must stay up and speaking: until the last
+    /// frame the session waits for has come.
+    fn demand_awaited(&self) -> bool {
+        !self.ending() || self.state == State::Verifying
+    }
+
+    /// The source's digests of every page, once all have come (`verify`).
+    pub fn take_digests(&mut self) -> Option<Vec<RegionDigests>> {
+        (self.cfg.verify && matches!(self.state, State::ReleaseQueued | State::Done))
+            .then(|| std::mem::take(&mut self.digests))
     }
 
     /// Whether the session can resume after `e`.
     fn resumable(&self, e: &EngineError) -> bool {
         !self.cfg.resume_timeout.is_zero()
-            && matches!(self.state, State::Running | State::CompleteSent | State::Acked)
+            && matches!(
+                self.state,
+                State::Running | State::CompleteSent | State::Acked
+            )
             && e.is_link_loss()
     }
 
@@ -548,6 +642,8 @@ impl RemotePages {
     fn handle_demand(&mut self, cx: &mut Cx<'_>) -> Result<bool, EngineError> {
         let inst = cx.inst;
         let layout = &self.layout;
+        let verify = self.cfg.verify;
+        let digests = &mut self.digests;
         let Some(d) = self.demand.as_mut() else {
             return Ok(false);
         };
@@ -558,7 +654,10 @@ impl RemotePages {
             let st = &mut state;
             let r = d.inbound.next(cx.ring, layout, |got| match got {
                 Got::Pages(h, payload) => {
-                    if matches!(*st, State::Acked | State::ReleaseQueued | State::Done) {
+                    if matches!(
+                        *st,
+                        State::Verifying | State::Acked | State::ReleaseQueued | State::Done
+                    ) {
                         return Err(EngineError::Unexpected {
                             lane,
                             kind: ringfault_proto::MsgKind::Pages,
@@ -568,7 +667,8 @@ impl RemotePages {
                     let ri = inst.space.index_of(h.region).ok_or_else(|| {
                         EngineError::Internal(format!("validated region {} vanished", h.region))
                     })?;
-                    let out = inst.install(ri, h.first_page, u64::from(h.count), h.kind, payload)?;
+                    let out =
+                        inst.install(ri, h.first_page, u64::from(h.count), h.kind, payload)?;
                     if h.kind == PageKind::Data {
                         Counters::add(&inst.counters.demand_pages, out.installed);
                     }
@@ -582,7 +682,24 @@ impl RemotePages {
                             state: "before Complete was sent",
                         });
                     }
-                    *st = State::Acked;
+                    *st = if verify && !layout.regions.is_empty() {
+                        State::Verifying
+                    } else {
+                        State::Acked
+                    };
+                    Ok(())
+                }
+                Got::Control(Message::Digests(dg)) => {
+                    if *st != State::Verifying {
+                        return Err(EngineError::Unexpected {
+                            lane,
+                            kind: MsgKind::Digests,
+                            state: "outside verification (after CompleteAck, when announced)",
+                        });
+                    }
+                    if accept_digests(layout, digests, dg, lane)? {
+                        *st = State::Acked;
+                    }
                     Ok(())
                 }
                 Got::Control(Message::Heartbeat) => Ok(()),
@@ -603,6 +720,11 @@ impl RemotePages {
             }
         }
         self.state = state;
+        if self.ending() {
+            // Release: the source may close the bulk lanes from now on; a
+            // worker that sees its lane end then reports, not fails.
+            self.finished.store(true, Ordering::Release);
+        }
         Ok(any)
     }
 
@@ -635,6 +757,7 @@ impl RemotePages {
         let id = self.next_request;
         self.next_request += 1;
         d.outbox.push_demand(id, &entries)?;
+        Counters::add(&self.inst.counters.demand_requests, 1);
         Ok(())
     }
 
@@ -645,10 +768,75 @@ impl RemotePages {
                 let _ = d
                     .outbox
                     .push(&Message::Error(ErrorFrame::new(e.code(), e.to_string())));
+                // Now: the loop ends with this error, before another flush.
+                d.outbox.send_now(&d.inbound.sock);
             }
         }
         self.lane_failed(e)
     }
+}
+
+/// Takes one `Digests` frame of the source's: it must continue the digests
+/// so far, in layout order, region by region, with one group size per
+/// region. Returns whether it was the last (it covers the last page of the
+/// last region).
+fn accept_digests(
+    layout: &Layout,
+    so_far: &mut Vec<RegionDigests>,
+    dg: Digests,
+    lane: crate::error::LaneId,
+) -> Result<bool, EngineError> {
+    dg.validate(layout)
+        .map_err(|source| EngineError::validation(lane, source))?;
+    let out_of_order = EngineError::Unexpected {
+        lane,
+        kind: MsgKind::Digests,
+        state: "out of layout order",
+    };
+    // The region being filled: the last one, until it is whole.
+    let whole = |r: &RegionDigests| {
+        layout.region(r.region).is_some_and(|d| {
+            verify::groups_in(d.page_count(), r.pages_per_digest) == r.digests.len() as u64
+        })
+    };
+    let next_index = match so_far.last() {
+        None => 0,
+        Some(r) if whole(r) => so_far.len(),
+        Some(_) => so_far.len() - 1,
+    };
+    let Some(desc) = layout.regions.get(next_index) else {
+        return Err(out_of_order);
+    };
+    if desc.id != dg.region {
+        return Err(out_of_order);
+    }
+    if next_index == so_far.len() {
+        so_far.push(RegionDigests {
+            region: dg.region,
+            pages_per_digest: dg.pages_per_digest,
+            digests: Vec::new(),
+        });
+    }
+    let Some(cur) = so_far.last_mut() else {
+        return Err(out_of_order);
+    };
+    let next_page = cur.digests.len() as u64 * u64::from(cur.pages_per_digest);
+    if cur.pages_per_digest != dg.pages_per_digest || dg.first_page != next_page {
+        return Err(out_of_order);
+    }
+    let groups = verify::groups_in(desc.page_count(), cur.pages_per_digest);
+    if cur.digests.len() as u64 + dg.digests.len() as u64 > groups {
+        return Err(EngineError::PageOutOfRange {
+            lane,
+            region: dg.region,
+            page: dg.first_page,
+            count: dg.digests.len() as u64 * u64::from(dg.pages_per_digest),
+            region_pages: desc.page_count(),
+        });
+    }
+    cur.digests.extend_from_slice(&dg.digests);
+    let done = cur.digests.len() as u64 == groups;
+    Ok(done && next_index + 1 == layout.regions.len())
 }
 
 /// The present bitmap as RLE chunks, region by region.
@@ -709,14 +897,18 @@ fn reconnect(
                 .map_err(|e| EngineError::io("clearing a timeout", e))?;
             let mut bulk = Vec::new();
             for ch in 1..=link.bulk_channels {
-                let (b, _) = link.open(Lane::Bulk, ch, true, Duration::from_millis(500), liveness)?;
+                let (b, _) =
+                    link.open(Lane::Bulk, ch, true, Duration::from_millis(500), liveness)?;
                 bulk.push(b);
             }
             Ok(Resumed { demand, bulk })
         })();
         match attempt {
             Ok(r) => return Ok(r),
-            Err(e) if e.is_link_loss() || matches!(e, EngineError::Connect { .. } | EngineError::Io { .. }) => {
+            Err(e)
+                if e.is_link_loss()
+                    || matches!(e, EngineError::Connect { .. } | EngineError::Io { .. }) =>
+            {
                 tracing::debug!("resume attempt failed: {e}");
                 last_err = Some(e);
                 std::thread::sleep(Duration::from_millis(200));
@@ -794,7 +986,8 @@ impl PageSource for RemotePages {
             .unwrap_or(None);
         if let Some(e) = failed {
             if self.state != State::Reconnecting && self.state != State::Done {
-                self.lane_failed(e)?;
+                // A bulk lane's failure: the source hears why on the demand lane.
+                self.fail_link(e)?;
             }
         }
         if self.state == State::Reconnecting {
@@ -826,14 +1019,15 @@ impl PageSource for RemotePages {
                 return Ok(Work::Idle);
             }
         }
+        let awaited = self.demand_awaited();
         if let Some(d) = self.demand.as_mut() {
             let lane = d.inbound.lane;
-            if d.inbound.drained(cx.ring) && !ending {
+            if d.inbound.drained(cx.ring) && awaited {
                 self.fail_link(EngineError::ConnectionLost { lane })?;
                 return Ok(Work::Idle);
             }
             let silent = cx.now.saturating_duration_since(d.inbound.last_rx);
-            if silent > self.cfg.liveness && !ending {
+            if silent > self.cfg.liveness && awaited {
                 self.fail_link(EngineError::Silent {
                     lane,
                     silent_s: silent.as_secs_f64(),
@@ -856,14 +1050,16 @@ impl PageSource for RemotePages {
             State::Running => {
                 let total = cx.inst.present.len();
                 if let Some(d) = self.demand.as_mut() {
-                    d.outbox
-                        .push(&Message::Complete(Complete { pages_present: total }))?;
+                    d.outbox.push(&Message::Complete(Complete {
+                        pages_present: total,
+                    }))?;
                     d.outbox.flush(cx.ring, d.inbound.sock.as_fd())?;
                 }
                 self.state = State::CompleteSent;
+                self.complete_at.get_or_insert(cx.now);
                 Ok(Finish::Pending)
             }
-            State::CompleteSent => Ok(Finish::Pending),
+            State::CompleteSent | State::Verifying => Ok(Finish::Pending),
             State::Acked => {
                 if let Some(d) = self.demand.as_mut() {
                     d.outbox.push(&Message::Release)?;
@@ -935,3 +1131,84 @@ impl PageSource for RemotePages {
     }
 }
 
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ringfault_proto::{PageSize, RegionDesc};
+
+    fn layout() -> Layout {
+        Layout {
+            regions: vec![
+                RegionDesc {
+                    id: 7,
+                    page_size: PageSize::Size4K,
+                    size: 4096 * 600,
+                },
+                RegionDesc {
+                    id: 2,
+                    page_size: PageSize::Size4K,
+                    size: 4096 * 10,
+                },
+            ],
+        }
+    }
+
+    fn dg(region: u32, first_page: u64, n: usize) -> Digests {
+        Digests {
+            region,
+            pages_per_digest: verify::PAGES_PER_DIGEST,
+            first_page,
+            digests: vec![1; n],
+        }
+    }
+
+    #[test]
+    fn digests_are_taken_in_layout_order_to_the_last_page() {
+        let l = layout();
+        let mut got = Vec::new();
+        let lane = LaneId::DEMAND;
+        assert!(!accept_digests(&l, &mut got, dg(7, 0, 2), lane).unwrap());
+        assert!(!accept_digests(&l, &mut got, dg(7, 512, 1), lane).unwrap());
+        assert!(accept_digests(&l, &mut got, dg(2, 0, 1), lane).unwrap());
+        assert_eq!(got.len(), 2);
+        assert_eq!(got[0].digests.len(), 3);
+    }
+
+    #[test]
+    fn digests_out_of_order_or_beyond_the_region_are_refused() {
+        let l = layout();
+        let lane = LaneId::DEMAND;
+        let unexpected = |e: EngineError| {
+            matches!(
+                e,
+                EngineError::Unexpected {
+                    kind: MsgKind::Digests,
+                    ..
+                }
+            )
+        };
+        // The second region first.
+        let mut got = Vec::new();
+        assert!(unexpected(
+            accept_digests(&l, &mut got, dg(2, 0, 1), lane).unwrap_err()
+        ));
+        // A gap.
+        let mut got = Vec::new();
+        accept_digests(&l, &mut got, dg(7, 0, 1), lane).unwrap();
+        assert!(unexpected(
+            accept_digests(&l, &mut got, dg(7, 512, 1), lane).unwrap_err()
+        ));
+        // More groups than the region has.
+        let mut got = Vec::new();
+        assert!(matches!(
+            accept_digests(&l, &mut got, dg(7, 0, 4), lane).unwrap_err(),
+            EngineError::PageOutOfRange { region: 7, .. }
+        ));
+        // An unknown region.
+        let mut got = Vec::new();
+        assert!(matches!(
+            accept_digests(&l, &mut got, dg(9, 0, 1), lane).unwrap_err(),
+            EngineError::UnknownRegion { region: 9, .. }
+        ));
+    }
+}

@@ -103,13 +103,15 @@ pub fn serve_local(
         &inst,
         opts.background,
         opts.background_run_bytes,
-    )?;
+    )?
+    .keep_serving(!opts.unregister_when_complete);
     stats.set_progress(Progress::of(inst.clone()));
     let stream = hs.stream;
     let (tx, rx) = mpsc::channel::<Result<DestinationReport, EngineError>>();
     let loop_inst = inst.clone();
     let unregister = opts.unregister_when_complete;
     let started = Instant::now();
+    let loop_stats = stats.clone();
     std::thread::Builder::new()
         .name("rf-fault-loop".into())
         .spawn(move || {
@@ -125,21 +127,19 @@ pub fn serve_local(
                     hex(&[]),
                     started.elapsed(),
                     loop_inst.present.len(),
-                    loop_inst
-                        .space
-                        .spans()
-                        .iter()
-                        .map(|s| s.len() as u64)
-                        .sum(),
+                    loop_inst.space.spans().iter().map(|s| s.len() as u64).sum(),
                     &loop_inst.counters,
                     &rep.hist,
                     Vec::new(),
                 );
-                r.demand_pages = source.pages_copied;
-                r.zero_pages = source.pages_zero;
+                r.wire_bytes = source.bytes_copied;
                 r.protection = "none".into();
                 r
             });
+            if let Ok(rep) = &r {
+                // At once, not when the watcher next looks.
+                loop_stats.set_engine_report(rep.clone());
+            }
             let _ = tx.send(r);
         })
         .map_err(|e| FirecrackerError::io("starting the fault loop", e))?;
@@ -152,6 +152,10 @@ pub fn serve_local(
         }
         if !running {
             continue;
+        }
+        if !unregister && inst.present.all_set() {
+            // The loop keeps serving (a balloon's re-faults); the fill is done.
+            stats.mark_all_present();
         }
         match rx.try_recv() {
             Err(mpsc::TryRecvError::Empty) => {}

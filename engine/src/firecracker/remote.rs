@@ -44,9 +44,7 @@ pub fn layout_of(mappings: &[GuestRegionMapping]) -> Result<Layout, FirecrackerE
         .map(|(i, m)| {
             Ok(RegionDesc {
                 id: u32::try_from(i).unwrap_or(u32::MAX),
-                page_size: crate::source::page_size_of(
-                    usize::try_from(m.page_size).unwrap_or(0),
-                )?,
+                page_size: crate::source::page_size_of(usize::try_from(m.page_size).unwrap_or(0))?,
                 size: m.size,
             })
         })

@@ -167,14 +167,18 @@ impl HandlerStats {
             if let Some(p) = &r.progress {
                 rep.pages_present = p.present();
                 rep.pages_total = p.total();
+                // Live figures of the engine's fault loop (both modes).
+                let c = p.counters();
+                rep.faults = Self::get(&c.faults);
+                rep.stale_faults = Self::get(&c.stale_faults);
+                rep.removed_faults = Self::get(&c.zero_faults);
+                rep.removed_pages = Self::get(&c.removed_pages);
+                rep.pages_copied = Self::get(&c.demand_pages) + Self::get(&c.bulk_pages);
+                rep.pages_zeroed = Self::get(&c.zero_pages) + Self::get(&c.unpopulated_pages);
+                rep.eagain_retries = Self::get(&c.eagain_retries);
             }
             if let Some(e) = &r.report {
-                rep.faults = e.faults;
-                rep.stale_faults = e.stale_faults;
-                rep.pages_copied = e.demand_pages + e.bulk_pages;
-                rep.pages_zeroed = e.zero_pages + e.unpopulated_pages;
                 rep.bytes_served = e.wire_bytes;
-                rep.eagain_retries = e.eagain_retries;
                 rep.fault_latency = e.fault_service.clone();
             }
         }

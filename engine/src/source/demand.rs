@@ -1,8 +1,8 @@
 //! The demand lane on the source: answers each demand request at once with
 //! the faulting pages, straight from guest memory, and queues each request's
 //! prefetch window for the bulk lanes. It also carries the end of the
-//! session (`Complete`, our `CompleteAck`, `Release`), each step accepted only
-//! in its state.
+//! session (`Complete`, our `CompleteAck`, with `VERIFY` our `Digests` of
+//! every page, then `Release`), each step accepted only in its state.
 //!
 //! One thread, one ring: a multishot receive of requests into a small stream
 //! ring, and replies of a whole loop turn gathered into one `SENDMSG` (one in
@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use std::io::Write;
 
-use ringfault_proto::{ErrorFrame, Message, MsgKind};
+use ringfault_proto::{Digests, ErrorFrame, Message, MsgKind};
 
 use super::frames::{Batch, Framer};
 use super::session::{Phase, Session, SourceCounters};
@@ -25,6 +25,7 @@ use crate::schedule::prefetch_window;
 use crate::sys::affinity::{place_current_thread, SchedClass};
 use crate::sys::bufring::StreamRing;
 use crate::sys::ring::{Event, Ring};
+use crate::verify;
 use crate::wire::{peer_error, seal_control, Framed};
 
 /// `SCHED_FIFO` priority of the source's demand lane: above every ordinary
@@ -40,13 +41,110 @@ pub enum End {
     Released,
     /// A resume replaced this lane.
     Superseded,
+    /// The session failed on another lane; the destination was told why.
+    Aborted,
 }
 
 const TOKEN_RECV: u32 = 1;
 const TOKEN_SEND: u32 = 2;
 
-/// Serves the demand lane until `Release`, a newer epoch, or an error.
-pub fn run(sess: &Session<'_>, link: Framed, epoch: u32, started: Instant) -> Result<End, EngineError> {
+/// Serves the demand lane until `Release`, a newer epoch, or an error;
+/// when the session verifies (`Session::verify`), sends the digests of
+/// every page after `CompleteAck`.
+pub fn run(
+    sess: &Session<'_>,
+    link: Framed,
+    epoch: u32,
+    started: Instant,
+    switch: &super::session::SwitchOver<'_>,
+) -> Result<End, EngineError> {
+    let cpu0 = crate::stats::thread_cpu_ns();
+    // Acquire: set before this thread was spawned.
+    let verify = sess.verify.load(std::sync::atomic::Ordering::Acquire);
+    let r = serve(sess, link, epoch, started, switch, verify);
+    SourceCounters::add(
+        &sess.counters.demand_cpu_ns,
+        crate::stats::thread_cpu_ns().saturating_sub(cpu0),
+    );
+    r
+}
+
+/// Where the digests sent after `CompleteAck` have got to: the region's
+/// index in the layout and its next group.
+#[derive(Debug, Clone, Copy)]
+struct DigestCursor {
+    region: usize,
+    group: u64,
+}
+
+/// The next `Digests` frame from `at` on, and the cursor after it (`None`:
+/// that was the last).
+fn next_digests(
+    sess: &Session<'_>,
+    at: DigestCursor,
+) -> Result<(Digests, Option<DigestCursor>), EngineError> {
+    let desc =
+        sess.layout.regions.get(at.region).ok_or_else(|| {
+            EngineError::Internal(format!("digests of region index {}", at.region))
+        })?;
+    let pages = desc.page_count();
+    let page_size = usize::try_from(desc.page_size.bytes())
+        .map_err(|_| EngineError::Internal("page size".into()))?;
+    let groups = verify::groups_in(pages, verify::PAGES_PER_DIGEST);
+    let n = (groups - at.group).min(verify::DIGESTS_PER_FRAME as u64);
+    let mut read = |p: u64, buf: &mut [u8]| -> Result<(), EngineError> {
+        let off = usize::try_from(p)
+            .ok()
+            .and_then(|p| p.checked_mul(page_size))
+            .ok_or_else(|| EngineError::Internal(format!("page {p} offset")))?;
+        match sess.backing {
+            Backing::Memory(m) => {
+                let r = m.by_id(desc.id).ok_or_else(|| {
+                    EngineError::Internal(format!("no memory of region {}", desc.id))
+                })?;
+                Ok(r.read(off, buf)?)
+            }
+            Backing::File(f) => f.read_page(at.region, off, buf),
+        }
+    };
+    let digests = verify::digests_of(
+        pages,
+        page_size,
+        verify::PAGES_PER_DIGEST,
+        at.group,
+        usize::try_from(n).unwrap_or(usize::MAX),
+        &mut read,
+    )?;
+    let frame = Digests {
+        region: desc.id,
+        pages_per_digest: verify::PAGES_PER_DIGEST,
+        first_page: at.group * u64::from(verify::PAGES_PER_DIGEST),
+        digests,
+    };
+    let next = if at.group + n < groups {
+        Some(DigestCursor {
+            region: at.region,
+            group: at.group + n,
+        })
+    } else if at.region + 1 < sess.layout.regions.len() {
+        Some(DigestCursor {
+            region: at.region + 1,
+            group: 0,
+        })
+    } else {
+        None
+    };
+    Ok((frame, next))
+}
+
+fn serve(
+    sess: &Session<'_>,
+    link: Framed,
+    epoch: u32,
+    started: Instant,
+    switch: &super::session::SwitchOver<'_>,
+    verify: bool,
+) -> Result<End, EngineError> {
     place_current_thread(
         "source demand lane",
         sess.cfg.pin_workers,
@@ -55,6 +153,17 @@ pub fn run(sess: &Session<'_>, link: Framed, epoch: u32, started: Instant) -> Re
             .prioritize_demand
             .then_some(SchedClass::Realtime(DEMAND_PRIORITY)),
     );
+    let mut link = link;
+    if let Some(mut log) = sess.dirty_log.lock().ok().and_then(|mut g| g.take()) {
+        // Pre-copy: the rounds and the switch-over run here, on the thread
+        // that owns this lane's sequence numbers.
+        let rep = super::precopy::run(sess, &mut link, log.as_mut(), epoch, switch);
+        log.stop();
+        let rep = rep?;
+        if let Ok(mut g) = sess.precopy.lock() {
+            *g = Some(rep);
+        }
+    }
     let Framed {
         stream,
         mut sealer,
@@ -89,6 +198,8 @@ pub fn run(sess: &Session<'_>, link: Framed, epoch: u32, started: Instant) -> Re
     let mut in_flight = false;
     let mut pos = 0u64;
     let mut released = false;
+    // Digests still to send after CompleteAck (with `verify`).
+    let mut digests: Option<DigestCursor> = None;
     let mut last_tx = Instant::now();
     let mut events = Vec::with_capacity(64);
     loop {
@@ -104,13 +215,15 @@ pub fn run(sess: &Session<'_>, link: Framed, epoch: u32, started: Instant) -> Re
                         if sess.stale(epoch) {
                             return Ok(End::Superseded);
                         }
-                        return Err(if e.kind() == std::io::ErrorKind::BrokenPipe
-                            || e.kind() == std::io::ErrorKind::ConnectionReset
-                        {
-                            EngineError::ConnectionLost { lane }
-                        } else {
-                            EngineError::io(format!("answering on the {lane}"), e)
-                        });
+                        return Err(
+                            if e.kind() == std::io::ErrorKind::BrokenPipe
+                                || e.kind() == std::io::ErrorKind::ConnectionReset
+                            {
+                                EngineError::ConnectionLost { lane }
+                            } else {
+                                EngineError::io(format!("answering on the {lane}"), e)
+                            },
+                        );
                     }
                 }
                 ev => {
@@ -141,7 +254,7 @@ pub fn run(sess: &Session<'_>, link: Framed, epoch: u32, started: Instant) -> Re
                 match msg {
                     Message::Demand(req) => {
                         req.validate(sess.layout)
-                            .map_err(|source| EngineError::Decode { lane, source })?;
+                            .map_err(|source| EngineError::validation(lane, source))?;
                         if sess.phase() != Phase::Open {
                             return Err(EngineError::Unexpected {
                                 lane,
@@ -150,7 +263,10 @@ pub fn run(sess: &Session<'_>, link: Framed, epoch: u32, started: Instant) -> Re
                             });
                         }
                         SourceCounters::add(&sess.counters.demand_requests, 1);
-                        SourceCounters::add(&sess.counters.demand_entries, req.entries.len() as u64);
+                        SourceCounters::add(
+                            &sess.counters.demand_entries,
+                            req.entries.len() as u64,
+                        );
                         for e in &req.entries {
                             let ri = sess.space.index_of(e.region).ok_or_else(|| {
                                 EngineError::Internal("validated region vanished".into())
@@ -202,8 +318,21 @@ pub fn run(sess: &Session<'_>, link: Framed, epoch: u32, started: Instant) -> Re
                             start,
                             end: out.buf.len(),
                         });
+                        if verify && !sess.layout.regions.is_empty() {
+                            digests = Some(DigestCursor {
+                                region: 0,
+                                group: 0,
+                            });
+                        }
                     }
                     Message::Release => {
+                        if digests.is_some() {
+                            return Err(EngineError::Unexpected {
+                                lane,
+                                kind: MsgKind::Release,
+                                state: "before the last Digests frame was sent",
+                            });
+                        }
                         sess.transition(&[Phase::Completing], Phase::Released)
                             .map_err(|_| EngineError::Unexpected {
                                 lane,
@@ -255,6 +384,34 @@ pub fn run(sess: &Session<'_>, link: Framed, epoch: u32, started: Instant) -> Re
                 silent_s: silent.as_secs_f64(),
             });
         }
+        if let (Some(at), false, true) = (digests, in_flight, out.is_empty()) {
+            // One frame per turn: requests and the peer's frames are read
+            // between two.
+            let (frame, next) = next_digests(sess, at)?;
+            let start = out.buf.len();
+            Message::Digests(frame).encode(&mut out.buf);
+            let mut frame = out.buf.split_off(start);
+            seal_control(&mut sealer, &mut frame, lane)?;
+            out.buf.extend_from_slice(&frame);
+            out.pieces.push(crate::sys::ring::Piece::Own {
+                start,
+                end: out.buf.len(),
+            });
+            digests = next;
+        }
+        if !in_flight && out.is_empty() {
+            if let Some(why) = sess.fatal.lock().ok().and_then(|g| g.clone()) {
+                // Every frame sealed so far is out: the Error is next in
+                // sequence, and the destination stops instead of resuming.
+                let mut frame = Message::Error(why).to_vec();
+                if seal_control(&mut sealer, &mut frame, lane).is_ok() {
+                    if let Ok(mut s) = inbound.sock.try_clone() {
+                        let _ = s.write_all(&frame);
+                    }
+                }
+                return Ok(End::Aborted);
+            }
+        }
         if !in_flight && out.is_empty() && now.saturating_duration_since(last_tx) > beat {
             let start = out.buf.len();
             Message::Heartbeat.encode(&mut out.buf);
@@ -269,7 +426,13 @@ pub fn run(sess: &Session<'_>, link: Framed, epoch: u32, started: Instant) -> Re
         if !in_flight && !out.is_empty() {
             let buf = std::mem::replace(&mut out.buf, std::mem::take(&mut spare));
             let wire = out.wire_bytes.max(buf.len() as u64);
-            ring.send_vectored(inbound.sock.as_fd(), mem.as_ref(), buf, &out.pieces, TOKEN_SEND)?;
+            ring.send_vectored(
+                inbound.sock.as_fd(),
+                mem.as_ref(),
+                buf,
+                &out.pieces,
+                TOKEN_SEND,
+            )?;
             SourceCounters::add(&sess.counters.wire_bytes, wire);
             out.clear();
             in_flight = true;

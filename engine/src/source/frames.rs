@@ -9,7 +9,9 @@
 //! with `pread` into the buffer (never through a mapping, so a file that
 //! shrinks gives an error, not `SIGBUS`).
 
-use ringfault_proto::{encode_pages_head, PageKind, PagesHeader, Protection, Sealer, PAGES_FRAME_LEN};
+use ringfault_proto::{
+    encode_pages_head, PageKind, PagesHeader, Protection, Sealer, PAGES_FRAME_LEN,
+};
 
 use super::{Backing, SourceCounters};
 use crate::error::{EngineError, LaneId};
@@ -105,7 +107,9 @@ impl Framer<'_> {
                     return Class::Data;
                 };
                 let ps = r.page_size();
-                let off = usize::try_from(page).unwrap_or(usize::MAX).saturating_mul(ps);
+                let off = usize::try_from(page)
+                    .unwrap_or(usize::MAX)
+                    .saturating_mul(ps);
                 match r.slice(off, ps) {
                     Ok(s) if s.is_zero() => Class::Zero,
                     _ => Class::Data,
@@ -137,7 +141,14 @@ impl Framer<'_> {
         let ps = span.page_size;
         let end = (first + count).min(span.pages);
         let mut p = first;
-        let staging = matches!(self.backing, Backing::File(_)) || sealer.protection() == Protection::Aead;
+        // Staged: read into our own buffer before sealing and sending, for
+        // files, for encryption, and for memory the VM still writes (pre-copy:
+        // a tag must cover the bytes that go out, and io_uring reads guest
+        // memory when it sends, not now).
+        let staging = match self.backing {
+            Backing::File(_) => true,
+            Backing::Memory(m) => sealer.protection() == Protection::Aead || !m.is_frozen(),
+        };
         let mut page_buf = Vec::new();
         while p < end {
             // Classify a run: data up to frame_pages, zero as long as it lasts.
@@ -170,9 +181,8 @@ impl Framer<'_> {
                     break;
                 }
                 if staging && kind == Class::Data {
-                    match next_staged {
-                        Some(b) => staged_run.extend_from_slice(b),
-                        None => {}
+                    if let Some(b) = next_staged {
+                        staged_run.extend_from_slice(b);
                     }
                 }
                 n += 1;
@@ -191,9 +201,12 @@ impl Framer<'_> {
                     };
                     let start = batch.buf.len();
                     batch.buf.extend_from_slice(&encode_pages_head(&h));
-                    let tag = sealer
-                        .seal(&batch.buf[start..], &[])
-                        .map_err(|source| EngineError::Integrity { lane: self.lane, source })?;
+                    let tag = sealer.seal(&batch.buf[start..], &[]).map_err(|source| {
+                        EngineError::Integrity {
+                            lane: self.lane,
+                            source,
+                        }
+                    })?;
                     if let Some(t) = tag {
                         batch.buf.extend_from_slice(&t);
                     }
@@ -239,9 +252,13 @@ impl Framer<'_> {
                         }
                         batch.buf.resize(head_end + len, 0);
                         let (head, out) = batch.buf[start..].split_at_mut(head_end - start);
-                        let tag = sealer
-                            .seal_encrypt(head, &staged_run, out)
-                            .map_err(|source| EngineError::Integrity { lane: self.lane, source })?;
+                        let tag =
+                            sealer
+                                .seal_encrypt(head, &staged_run, out)
+                                .map_err(|source| EngineError::Integrity {
+                                    lane: self.lane,
+                                    source,
+                                })?;
                         if let Some(t) = tag {
                             batch.buf.extend_from_slice(&t);
                         }
@@ -257,12 +274,23 @@ impl Framer<'_> {
                         let tag = match sealer.protection() {
                             Protection::None => sealer
                                 .seal(&batch.buf[start..head_end], &[])
-                                .map_err(|source| EngineError::Integrity { lane: self.lane, source })?,
+                                .map_err(|source| EngineError::Integrity {
+                                    lane: self.lane,
+                                    source,
+                                })?,
                             _ => {
                                 let bytes = slice.frozen_bytes()?;
-                                sealer
-                                    .seal(&batch.buf[start..head_end], bytes)
-                                    .map_err(|source| EngineError::Integrity { lane: self.lane, source })?
+                                let mut lap = crate::stats::Lap::start();
+                                let t = sealer.seal(&batch.buf[start..head_end], bytes).map_err(
+                                    |source| EngineError::Integrity {
+                                        lane: self.lane,
+                                        source,
+                                    },
+                                )?;
+                                if !demand {
+                                    lap.lap(&counters.stage_seal_ns);
+                                }
+                                t
                             }
                         };
                         batch.own(start);

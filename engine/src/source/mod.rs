@@ -19,6 +19,7 @@
 
 pub mod demand;
 pub mod frames;
+pub mod precopy;
 pub mod pusher;
 pub mod scan;
 pub mod session;
@@ -34,7 +35,7 @@ use std::time::{Duration, Instant};
 
 use ringfault_proto::auth::PresharedKey;
 use ringfault_proto::{
-    ErrorCode, Lane, Layout, Message, MsgKind, PageSize, Protection, RegionDesc,
+    Capabilities, ErrorCode, Lane, Layout, Message, MsgKind, PageSize, Protection, RegionDesc,
     LANE_ALIGN_PAYLOAD,
 };
 
@@ -86,7 +87,12 @@ pub struct FileBacking {
 
 impl FileBacking {
     /// Reads `buf.len()` bytes at `offset` of region index `region`.
-    pub fn read_page(&self, region: usize, offset: usize, buf: &mut [u8]) -> Result<(), EngineError> {
+    pub fn read_page(
+        &self,
+        region: usize,
+        offset: usize,
+        buf: &mut [u8],
+    ) -> Result<(), EngineError> {
         let r = self
             .regions
             .get(region)
@@ -98,9 +104,7 @@ impl FileBacking {
                 let len = self.file.metadata().map(|m| m.len()).unwrap_or(0);
                 Err(EngineError::MemoryFile {
                     path: self.path.clone(),
-                    why: format!(
-                        "shrank to {len} bytes while being served; byte {at} is gone"
-                    ),
+                    why: format!("shrank to {len} bytes while being served; byte {at} is gone"),
                 })
             }
             Err(e) => Err(EngineError::io(format!("reading {}", self.path), e)),
@@ -132,7 +136,8 @@ pub struct SourceConfig {
     /// Pin the demand lane and pushers to cores.
     pub pin_workers: bool,
     /// Run the demand lane `SCHED_FIFO` and pushers `SCHED_BATCH` (needs
-    /// `CAP_SYS_NICE`; without it a warning is logged).
+    /// `CAP_SYS_NICE`; without it a warning is logged). Off by default, as on
+    /// the destination.
     pub prioritize_demand: bool,
     /// A lane silent this long is dead.
     pub liveness: Duration,
@@ -142,6 +147,12 @@ pub struct SourceConfig {
     pub handshake_timeout: Duration,
     /// Handshakes in progress from one address, at most.
     pub max_handshakes_per_address: usize,
+    /// Pre-copy rounds before the switch-over (none: pure post-copy).
+    pub precopy: Option<precopy::Precopy>,
+    /// After completion, send digests of every page to a destination that
+    /// can check them (`VERIFY`; `crate::verify`): one more read of all of
+    /// guest memory or of the memory file.
+    pub verify: bool,
 }
 
 impl SourceConfig {
@@ -153,11 +164,13 @@ impl SourceConfig {
             frame_pages: 256,
             batch_bytes: 2 << 20,
             pin_workers: true,
-            prioritize_demand: true,
+            prioritize_demand: false,
             liveness: Duration::from_secs(10),
             resume_timeout: Duration::from_secs(300),
             handshake_timeout: HANDSHAKE_TIMEOUT,
             max_handshakes_per_address: 8,
+            precopy: None,
+            verify: false,
         }
     }
 }
@@ -168,6 +181,7 @@ pub struct Source {
     backing: Backing,
     layout: Layout,
     cfg: SourceConfig,
+    dirty_log: Mutex<Option<Box<dyn precopy::DirtyLog>>>,
 }
 
 enum Note {
@@ -209,7 +223,7 @@ impl Source {
             .map_err(|e| EngineError::io(format!("reading the size of {path}"), e))?
             .len();
         for r in &regions {
-            let end = r.offset.checked_add(r.size).unwrap_or(u64::MAX);
+            let end = r.offset.saturating_add(r.size);
             if end > len {
                 return Err(EngineError::MemoryFile {
                     path: path.to_owned(),
@@ -239,7 +253,11 @@ impl Source {
         )
     }
 
-    fn new(backing: Backing, regions: Vec<RegionDesc>, cfg: SourceConfig) -> Result<Source, EngineError> {
+    fn new(
+        backing: Backing,
+        regions: Vec<RegionDesc>,
+        cfg: SourceConfig,
+    ) -> Result<Source, EngineError> {
         let layout = Layout { regions };
         layout
             .validate()
@@ -259,7 +277,17 @@ impl Source {
             backing,
             layout,
             cfg,
+            dirty_log: Mutex::new(None),
         })
+    }
+
+    /// Pre-copy tracks the guest's writes with `log` (a VMM's own: KVM's dirty
+    /// ring or bitmap) instead of the built-in [`precopy::WpAsyncLog`].
+    pub fn with_dirty_log(self, log: Box<dyn precopy::DirtyLog>) -> Source {
+        if let Ok(mut g) = self.dirty_log.lock() {
+            *g = Some(log);
+        }
+        self
     }
 
     /// The layout the destination will receive.
@@ -284,8 +312,23 @@ impl Source {
     ) -> Result<SourceReport, EngineError> {
         Opcodes::require_engine()?;
         let sess = Session::new(&self.backing, &self.layout, &self.cfg);
-        let switch: Mutex<Option<Box<dyn FnOnce() + Send + '_>>> =
-            Mutex::new(Some(Box::new(switch_over)));
+        let switch: session::SwitchOver<'_> = Mutex::new(Some(Box::new(switch_over)));
+        if self.cfg.precopy.is_some() {
+            let log: Box<dyn precopy::DirtyLog> =
+                match self.dirty_log.lock().ok().and_then(|mut g| g.take()) {
+                    Some(l) => l,
+                    None => match &self.backing {
+                        Backing::Memory(m) => Box::new(precopy::WpAsyncLog::new(m)?),
+                        Backing::File(_) => return Err(EngineError::Config(
+                            "pre-copy needs guest memory that runs: a memory file does not change"
+                                .into(),
+                        )),
+                    },
+                };
+            if let Ok(mut g) = sess.dirty_log.lock() {
+                *g = Some(log);
+            }
+        }
         let stop = Notifier::new().map_err(|e| EngineError::io("creating an eventfd", e))?;
         let (tx, rx) = mpsc::channel::<Note>();
         let started = Instant::now();
@@ -303,6 +346,7 @@ impl Source {
             let mut lanes: Vec<(Stream, std::thread::ScopedJoinHandle<'_, ()>)> = Vec::new();
             let mut demand_started = false;
             let mut broken_since: Option<Instant> = None;
+            let mut tell_by_demand = false;
             let outcome = loop {
                 let wait = match broken_since {
                     Some(t) => self
@@ -337,17 +381,31 @@ impl Source {
                         match (hello.lane, hello.resume, current) {
                             (Lane::Demand, false, Some(id))
                                 if id == hello.session
-                                    && sess.phase() == Phase::Open
+                                    && (sess.phase() == Phase::Open
+                                        || (self.cfg.precopy.is_some()
+                                            && sess.phase() == Phase::Waiting))
                                     && !demand_started =>
                             {
                                 // The switch-over happened in the handshake,
                                 // before the Welcome.
                                 demand_started = true;
-                                lanes.push(spawn_demand(scope, sess, framed, 0, started, &tx)?);
+                                set_verify(sess, &hello);
+                                lanes.push(spawn_demand(
+                                    scope, sess, framed, 0, started, &tx, switch,
+                                )?);
                             }
                             (Lane::Demand, true, Some(id)) if id == hello.session => {
                                 if sess.phase() == Phase::Released {
                                     framed.send_error(ErrorCode::Busy, "the session is over");
+                                    continue;
+                                }
+                                if matches!(sess.phase(), Phase::Waiting | Phase::PreCopy) {
+                                    // The destination gives up on a link lost
+                                    // before post-copy began: nothing to resume.
+                                    framed.send_error(
+                                        ErrorCode::Busy,
+                                        "a session is resumable only after the switch-over",
+                                    );
                                     continue;
                                 }
                                 let epoch = sess.next_epoch();
@@ -363,7 +421,10 @@ impl Source {
                                         );
                                         SourceCounters::add(&sess.counters.resumes, 1);
                                         broken_since = None;
-                                        lanes.push(spawn_demand(scope, sess, framed, epoch, started, &tx)?);
+                                        set_verify(sess, &hello);
+                                        lanes.push(spawn_demand(
+                                            scope, sess, framed, epoch, started, &tx, switch,
+                                        )?);
                                     }
                                     Err(e) => {
                                         tracing::warn!("a resume failed: {e}");
@@ -377,9 +438,10 @@ impl Source {
                             (Lane::Bulk, _, Some(id)) if id == hello.session => {
                                 let epoch = sess.epoch.load(std::sync::atomic::Ordering::Acquire);
                                 let align = hello.lane_flags & LANE_ALIGN_PAYLOAD != 0;
-                                let stop_handle = framed.stream.try_clone().map_err(|e| {
-                                    EngineError::io("cloning a lane's socket", e)
-                                })?;
+                                let stop_handle = framed
+                                    .stream
+                                    .try_clone()
+                                    .map_err(|e| EngineError::io("cloning a lane's socket", e))?;
                                 let lane = framed.lane;
                                 let txc = tx.clone();
                                 let h = std::thread::Builder::new()
@@ -401,7 +463,10 @@ impl Source {
                                     hello.lane,
                                     framed.stream.peer()
                                 );
-                                framed.send_error(ErrorCode::Busy, "this source serves another session");
+                                framed.send_error(
+                                    ErrorCode::Busy,
+                                    "this source serves another session",
+                                );
                             }
                         }
                     }
@@ -434,6 +499,10 @@ impl Source {
                             Err(e) => {
                                 tracing::warn!("{lane} ended: {e}");
                                 if !e.is_link_loss() {
+                                    // The demand lane tells the destination
+                                    // why (below): it would otherwise take
+                                    // the close for a lost link and resume.
+                                    tell_by_demand = sess.phase() != Phase::Broken;
                                     break Err(e);
                                 }
                             }
@@ -441,6 +510,27 @@ impl Source {
                     }
                 }
             };
+            if let (true, Err(e)) = (tell_by_demand, &outcome) {
+                if let Ok(mut f) = sess.fatal.lock() {
+                    *f = Some(ringfault_proto::ErrorFrame::new(e.code(), e.to_string()));
+                }
+                // The demand lane sends it at its next turn (within a
+                // heartbeat interval) and ends.
+                let deadline = Instant::now() + self.cfg.liveness;
+                while let Ok(note) =
+                    rx.recv_timeout(deadline.saturating_duration_since(Instant::now()))
+                {
+                    if matches!(
+                        note,
+                        Note::Ended {
+                            lane: LaneId::DEMAND,
+                            ..
+                        }
+                    ) {
+                        break;
+                    }
+                }
+            }
             // Stop everything: the acceptor, then every lane.
             stop.notify();
             sess.completing
@@ -477,17 +567,43 @@ impl Source {
             protection: self.cfg.protection.name().into(),
             classify_s: crate::stats::ns_to_us(get(&c.scan_ns)) / 1e6,
             metadata_bytes: sess.plan.sent().allocated_bytes(),
+            stages: {
+                let pages = (get(&c.bulk_pages) + get(&c.zero_pages)).max(1);
+                let per = |a: &std::sync::atomic::AtomicU64| crate::stats::ratio(get(a), pages);
+                crate::stats::SourceStageCosts {
+                    claim_ns_per_page: per(&c.stage_claim_ns),
+                    classify_ns_per_page: per(&c.stage_classify_ns) - per(&c.stage_seal_ns),
+                    seal_ns_per_page: per(&c.stage_seal_ns),
+                    send_ns_per_page: per(&c.stage_send_ns),
+                    demand_us_per_request: crate::stats::ratio(
+                        get(&c.demand_cpu_ns),
+                        get(&c.demand_requests).max(1),
+                    ) / 1000.0,
+                }
+            },
+            precopy: sess.precopy.lock().ok().and_then(|g| g.clone()),
         })
     }
 }
 
-fn spawn_demand<'scope, 'env>(
+/// Notes whether the destination of a new demand lane gets digests after
+/// completion: it can check them and this source sends them.
+fn set_verify(sess: &Session<'_>, hello: &ringfault_proto::Hello) {
+    // Release: the demand lane thread, spawned after this, reads it.
+    sess.verify.store(
+        sess.cfg.verify && hello.capabilities.contains(Capabilities::VERIFY),
+        std::sync::atomic::Ordering::Release,
+    );
+}
+
+fn spawn_demand<'scope, 'env, 'f: 'scope>(
     scope: &'scope std::thread::Scope<'scope, 'env>,
     sess: &'scope Session<'env>,
     framed: Framed,
     epoch: u32,
     started: Instant,
     tx: &mpsc::Sender<Note>,
+    switch: &'scope session::SwitchOver<'f>,
 ) -> Result<(Stream, std::thread::ScopedJoinHandle<'scope, ()>), EngineError> {
     let stop = framed
         .stream
@@ -497,7 +613,7 @@ fn spawn_demand<'scope, 'env>(
     let h = std::thread::Builder::new()
         .name("rf-src-demand".into())
         .spawn_scoped(scope, move || {
-            let r = demand::run(sess, framed, epoch, started);
+            let r = demand::run(sess, framed, epoch, started, switch);
             let _ = txc.send(Note::Ended {
                 lane: LaneId::DEMAND,
                 epoch,
@@ -524,10 +640,7 @@ fn resync(sess: &Session<'_>, framed: &mut Framed) -> Result<u64, EngineError> {
             Message::PresentBitmap(chunk) => {
                 chunk
                     .validate(sess.layout)
-                    .map_err(|source| EngineError::Decode {
-                        lane: LaneId::DEMAND,
-                        source,
-                    })?;
+                    .map_err(|source| EngineError::validation(LaneId::DEMAND, source))?;
                 let ri = sess
                     .space
                     .index_of(chunk.region)
@@ -552,7 +665,10 @@ fn resync(sess: &Session<'_>, framed: &mut Framed) -> Result<u64, EngineError> {
     sess.plan.restart_sweep();
     sess.completing
         .store(false, std::sync::atomic::Ordering::Release);
-    let _ = sess.transition(&[Phase::Open, Phase::Completing, Phase::Broken], Phase::Open);
+    let _ = sess.transition(
+        &[Phase::Open, Phase::Completing, Phase::Broken],
+        Phase::Open,
+    );
     let n = sent.count();
     framed.send(&Message::Resumed(n))?;
     framed
@@ -570,7 +686,7 @@ fn accept_loop(
     sess: &Session<'_>,
     stop: &Notifier,
     tx: mpsc::Sender<Note>,
-    switch: &Mutex<Option<Box<dyn FnOnce() + Send + '_>>>,
+    switch: &session::SwitchOver<'_>,
     backing: &Backing,
 ) {
     let _ = listener.set_nonblocking(true);
@@ -624,6 +740,15 @@ fn accept_loop(
                     sess.layout,
                     sess.cfg.protection,
                     sess.cfg.handshake_timeout,
+                    (if sess.cfg.precopy.is_some() {
+                        ringfault_proto::WELCOME_PRECOPY
+                    } else {
+                        0
+                    }) | (if sess.cfg.verify {
+                        ringfault_proto::WELCOME_VERIFY
+                    } else {
+                        0
+                    }),
                     |h| {
                         let Ok(mut current) = sess.id.lock() else {
                             return Err(EngineError::Internal("session lock poisoned".into()));
@@ -632,6 +757,14 @@ fn accept_loop(
                             None if h.resume => Err(EngineError::Session(
                                 "resume of a session this source does not know".into(),
                             )),
+                            None if h.lane == Lane::Demand && sess.cfg.precopy.is_some() => {
+                                // Pre-copy: the VM keeps running; the demand
+                                // lane's thread runs the rounds and the
+                                // switch-over (`precopy`).
+                                *current = Some(h.session);
+                                tracing::info!("destination {peer} authenticated: pre-copy begins");
+                                Ok(())
+                            }
                             None if h.lane == Lane::Demand => {
                                 // The switch-over: the first authenticated
                                 // destination is ready. Stop the VM and freeze
@@ -640,9 +773,7 @@ fn accept_loop(
                                 *current = Some(h.session);
                                 drop(current);
                                 tracing::info!("destination {peer} authenticated: switch-over");
-                                if let Some(f) = switch.lock().ok().and_then(|mut g| g.take()) {
-                                    f();
-                                }
+                                session::switch_over(switch);
                                 if let Backing::Memory(m) = backing {
                                     m.freeze();
                                 }

@@ -51,7 +51,13 @@ pub fn run(sess: &Session<'_>, link: Framed, epoch: u32, align: bool) -> Result<
         align,
         lane,
     };
-    let ps_min = sess.space.spans().iter().map(|s| s.page_size).min().unwrap_or(4096);
+    let ps_min = sess
+        .space
+        .spans()
+        .iter()
+        .map(|s| s.page_size)
+        .min()
+        .unwrap_or(4096);
     let batch_pages = (sess.cfg.batch_bytes / ps_min).max(1) as u64;
     let mut batch = Batch::default();
     let mut stream_pos = 0u64;
@@ -68,14 +74,51 @@ pub fn run(sess: &Session<'_>, link: Framed, epoch: u32, align: bool) -> Result<
             _ => break,
         }
     }
+    // Pre-copy: the first frame after the switch-over is its marker, on the
+    // session's first connections (a resume happens in post-copy only: its
+    // connections carry no marker).
+    let mut marker_due = sess.cfg.precopy.is_some() && epoch == 0;
     loop {
-        if sess.stale(epoch) || sess.phase() == Phase::Released {
+        let phase = sess.phase();
+        if sess.stale(epoch) || phase == Phase::Released {
             return Ok(());
         }
         batch.clear();
         // Acquire: pairs with the demand lane's Release store at Complete.
         let completing = sess.completing.load(std::sync::atomic::Ordering::Acquire);
-        if !completing {
+        // Pre-copy frames travel on the first bulk lane only: a page sent
+        // again in a later round must reach the destination after its earlier
+        // copy, and only one lane keeps that order (the destination reads its
+        // lanes in parallel). The other lanes wait for the switch-over.
+        let precopy_elsewhere = phase == Phase::PreCopy && lane.channel != 1;
+        // Counted busy from the claim until its send completed, so that a
+        // pre-copy round ends only when its pages are on the wire.
+        let mut claim =
+            (!completing && !precopy_elsewhere && sess.begin_claim()).then(|| ClaimGuard(sess));
+        // The phase after the claim: the switch-over moves to `Open` before it
+        // lets pushers claim again, so a claim made after the switch-over
+        // sees `Open` here and its pages follow the marker (a pre-copy frame
+        // the destination reads after its marker would be lost to the
+        // discard list).
+        if marker_due && sess.phase() == Phase::Open {
+            let start = batch.buf.len();
+            Message::Phase(ringfault_proto::Phase {
+                kind: ringfault_proto::PhaseKind::SwitchOver,
+                round: 0,
+                pages: 0,
+            })
+            .encode(&mut batch.buf);
+            let mut frame = batch.buf.split_off(start);
+            seal_control(&mut sealer, &mut frame, lane)?;
+            stream_pos += frame.len() as u64;
+            batch.buf.extend_from_slice(&frame);
+            batch.pieces.push(Piece::Own {
+                start,
+                end: batch.buf.len(),
+            });
+            marker_due = false;
+        }
+        if claim.is_some() {
             if sess.plan.needs_scan() {
                 for chunk in scan_next(sess)? {
                     let start = batch.buf.len();
@@ -90,7 +133,9 @@ pub fn run(sess: &Session<'_>, link: Framed, epoch: u32, align: bool) -> Result<
                     });
                 }
             }
+            let mut lap = crate::stats::Lap::start();
             let runs = sess.plan.next_batch(batch_pages);
+            lap.lap(&sess.counters.stage_claim_ns);
             let t = Instant::now();
             for r in &runs {
                 framer.append(
@@ -105,6 +150,7 @@ pub fn run(sess: &Session<'_>, link: Framed, epoch: u32, align: bool) -> Result<
                     false,
                 )?;
             }
+            lap.lap(&sess.counters.stage_classify_ns);
             if !runs.is_empty() {
                 SourceCounters::add(
                     &sess.counters.scan_ns,
@@ -113,7 +159,8 @@ pub fn run(sess: &Session<'_>, link: Framed, epoch: u32, align: bool) -> Result<
             }
         }
         if batch.is_empty() {
-            if !completing && sess.plan.needs_scan() {
+            claim = None;
+            if !completing && !precopy_elsewhere && !sess.pushers_held() && sess.plan.needs_scan() {
                 continue;
             }
             if last_tx.elapsed() >= beat {
@@ -142,6 +189,7 @@ pub fn run(sess: &Session<'_>, link: Framed, epoch: u32, align: bool) -> Result<
                 })
                 .sum::<u64>();
         let buf = std::mem::take(&mut batch.buf);
+        let mut lap = crate::stats::Lap::start();
         ring.send_vectored(stream.as_fd(), mem.as_ref(), buf, &batch.pieces, 1)?;
         // One send in flight per socket: its bytes must not interleave with
         // the next batch's.
@@ -158,6 +206,7 @@ pub fn run(sess: &Session<'_>, link: Framed, epoch: u32, align: bool) -> Result<
                 ring.cancel_all()?;
             }
         };
+        lap.lap(&sess.counters.stage_send_ns);
         match returned {
             Ok(b) => batch.buf = b,
             Err(e) => {
@@ -173,6 +222,16 @@ pub fn run(sess: &Session<'_>, link: Framed, epoch: u32, align: bool) -> Result<
             }
         }
         SourceCounters::add(&sess.counters.wire_bytes, wire);
+        claim = None;
         last_tx = Instant::now();
+    }
+}
+
+/// A pusher's claim, counted until dropped (see `Session::begin_claim`).
+struct ClaimGuard<'s, 'a>(&'s Session<'a>);
+
+impl Drop for ClaimGuard<'_, '_> {
+    fn drop(&mut self) {
+        self.0.end_claim();
     }
 }

@@ -3,6 +3,8 @@
 //!
 //! ```text
 //!  Waiting --first authenticated demand lane: switch-over, freeze--> Open
+//!  Waiting --the same, with pre-copy: rounds while the VM runs--> PreCopy
+//!  PreCopy --switch-over, discard list sent (see `precopy`)--> Open
 //!  Open --Complete (pages_present == total): pushers stop, CompleteAck--> Completing
 //!  Completing --Release--> Released (memory may be freed)
 //!  Open|Completing --link lost--> Broken --resume (same session id), present
@@ -14,7 +16,7 @@
 //! Every lane thread belongs to an *epoch*: a resume starts a new one, and
 //! threads of an older epoch stop.
 
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Condvar, Mutex};
 use std::time::Duration;
 
@@ -24,11 +26,23 @@ use super::{Backing, SourceConfig};
 use crate::schedule::PushPlan;
 use crate::space::PageSpace;
 
+/// Stops the VM, once (the caller's switch-over).
+pub type SwitchOver<'f> = Mutex<Option<Box<dyn FnOnce() + Send + 'f>>>;
+
+/// Runs the switch-over if it has not run yet.
+pub fn switch_over(s: &SwitchOver<'_>) {
+    if let Some(f) = s.lock().ok().and_then(|mut g| g.take()) {
+        f();
+    }
+}
+
 /// Where the session is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Phase {
     /// No destination yet.
     Waiting,
+    /// Pre-copy rounds: the VM runs, pages flow, written ones go again.
+    PreCopy,
     /// Pages flow.
     Open,
     /// The destination has every page; we acknowledged.
@@ -62,6 +76,16 @@ pub struct SourceCounters {
     pub resumes: AtomicU64,
     /// Nanoseconds spent classifying pages (scan and zero checks).
     pub scan_ns: AtomicU64,
+    /// Thread CPU ns claiming pages.
+    pub stage_claim_ns: AtomicU64,
+    /// Thread CPU ns classifying pages and building frames (tags included).
+    pub stage_classify_ns: AtomicU64,
+    /// Thread CPU ns computing tags.
+    pub stage_seal_ns: AtomicU64,
+    /// Thread CPU ns in the kernel's send.
+    pub stage_send_ns: AtomicU64,
+    /// Thread CPU ns of the demand lane.
+    pub demand_cpu_ns: AtomicU64,
 }
 
 impl SourceCounters {
@@ -100,8 +124,22 @@ pub struct Session<'a> {
     pub epoch: AtomicU32,
     /// Pushers stop sending (Complete received, or the session ends).
     pub completing: AtomicBool,
+    /// The destination of the current demand lane asked for digests after
+    /// completion (`VERIFY`, with `SourceConfig::verify`).
+    pub verify: AtomicBool,
     /// The page map scanner, for one pusher at a time.
     pub scanner: Mutex<Option<crate::sys::pagemap::Scanner>>,
+    /// Pushers between a claim and the completion of its send.
+    busy: AtomicUsize,
+    /// Pushers claim nothing (pre-copy's switch-over).
+    held: AtomicBool,
+    /// Pre-copy's dirty log, taken by the demand lane's thread.
+    pub dirty_log: Mutex<Option<Box<dyn super::precopy::DirtyLog>>>,
+    /// What pre-copy did.
+    pub precopy: Mutex<Option<super::precopy::PrecopyReport>>,
+    /// Why the session failed elsewhere (a bulk lane, a memory file that
+    /// shrank): the demand lane sends it to the destination, then ends.
+    pub fatal: Mutex<Option<ringfault_proto::ErrorFrame>>,
 }
 
 impl<'a> Session<'a> {
@@ -124,8 +162,59 @@ impl<'a> Session<'a> {
             wake: Condvar::new(),
             epoch: AtomicU32::new(0),
             completing: AtomicBool::new(false),
+            verify: AtomicBool::new(false),
             scanner: Mutex::new(None),
+            busy: AtomicUsize::new(0),
+            held: AtomicBool::new(false),
+            dirty_log: Mutex::new(None),
+            precopy: Mutex::new(None),
+            fatal: Mutex::new(None),
         }
+    }
+
+    /// A pusher is about to claim pages; false (and nothing counted) when
+    /// pushers are held.
+    pub fn begin_claim(&self) -> bool {
+        // SeqCst: with `hold_pushers` and `round_drained_or_held`, either the
+        // holder sees this pusher busy, or the pusher sees the hold.
+        self.busy.fetch_add(1, Ordering::SeqCst);
+        if self.held.load(Ordering::SeqCst) {
+            self.end_claim();
+            return false;
+        }
+        true
+    }
+
+    /// The pusher's claimed pages are on the wire (or it claimed none).
+    pub fn end_claim(&self) {
+        // SeqCst: as in `begin_claim`.
+        if self.busy.fetch_sub(1, Ordering::SeqCst) == 1 {
+            self.wake.notify_all();
+        }
+    }
+
+    /// Holds (or releases) the pushers.
+    pub fn hold_pushers(&self, hold: bool) {
+        // SeqCst: as in `begin_claim`.
+        self.held.store(hold, Ordering::SeqCst);
+        self.wake.notify_all();
+    }
+
+    /// No pusher has a send in flight.
+    pub fn round_drained_or_held(&self) -> bool {
+        // SeqCst: as in `begin_claim`.
+        self.busy.load(Ordering::SeqCst) == 0
+    }
+
+    /// A pre-copy round is over: nothing left to claim, no send in flight.
+    pub fn round_drained(&self) -> bool {
+        !self.plan.needs_scan() && self.plan.exhausted() && self.round_drained_or_held()
+    }
+
+    /// Whether pushers are held.
+    pub fn pushers_held(&self) -> bool {
+        // SeqCst: as in `begin_claim`.
+        self.held.load(Ordering::SeqCst)
     }
 
     /// The current phase.

@@ -448,7 +448,10 @@ mod tests {
             r.store_u64(0, 1),
             Err(GuestError::Frozen { region: 1 })
         ));
-        assert_eq!(r.slice(4096, 8).unwrap().frozen_bytes().unwrap(), &7u64.to_le_bytes());
+        assert_eq!(
+            r.slice(4096, 8).unwrap().frozen_bytes().unwrap(),
+            &7u64.to_le_bytes()
+        );
         assert!(r.slice(0, 4096).unwrap().is_zero());
         assert!(!r.slice(4096, 4096).unwrap().is_zero());
     }

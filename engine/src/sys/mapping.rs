@@ -241,11 +241,7 @@ unsafe impl Sync for Mapping {}
 impl Mapping {
     /// Maps `len` bytes of private anonymous memory with pages of
     /// `page_size` (4 KiB, 2 MiB or 1 GiB; the latter two from hugetlbfs).
-    pub fn anonymous(
-        len: usize,
-        page_size: usize,
-        opts: MapOptions,
-    ) -> Result<Mapping, MapError> {
+    pub fn anonymous(len: usize, page_size: usize, opts: MapOptions) -> Result<Mapping, MapError> {
         let huge_flags = check_page_size(page_size)?;
         if len == 0 || !len.is_multiple_of(page_size) {
             return Err(MapError::Length { len, page_size });
@@ -317,11 +313,7 @@ impl Mapping {
     /// Maps `len` bytes of `file` from byte `offset` (4 KiB-aligned), private and
     /// read-only, like [`Mapping::map_file`]: e.g. one region of a snapshot
     /// memory file that holds several one after the other.
-    pub fn map_file_at(
-        file: &std::fs::File,
-        offset: u64,
-        len: usize,
-    ) -> Result<Mapping, MapError> {
+    pub fn map_file_at(file: &std::fs::File, offset: u64, len: usize) -> Result<Mapping, MapError> {
         use std::os::fd::AsRawFd;
         if len == 0 || !len.is_multiple_of(PAGE_4K) {
             return Err(MapError::Length {
@@ -814,8 +806,7 @@ mod tests {
         owner.read_into(PAGE_4K, &mut b)?;
         assert_eq!(&b, b"kept");
         // SAFETY: rejected before use: misaligned.
-        let bad =
-            unsafe { Mapping::from_raw(owner.as_ptr().wrapping_add(1), PAGE_4K, PAGE_4K) };
+        let bad = unsafe { Mapping::from_raw(owner.as_ptr().wrapping_add(1), PAGE_4K, PAGE_4K) };
         assert!(matches!(bad, Err(MapError::Misaligned { .. })));
         Ok(())
     }

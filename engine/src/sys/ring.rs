@@ -696,7 +696,8 @@ impl Ring {
                     return Ok(());
                 }
                 match self.forget_record(c.user_data) {
-                    Some(OpRecord::Send { buf, token }) | Some(OpRecord::SendV { buf, token, .. }) => {
+                    Some(OpRecord::Send { buf, token })
+                    | Some(OpRecord::SendV { buf, token, .. }) => {
                         out.push(Event::Sent {
                             token,
                             result: c.bytes(),

@@ -289,8 +289,13 @@ pub fn arb_message() -> impl Strategy<Value = Message> {
         arb_hello().prop_map(Message::Hello),
         arb_challenge().prop_map(Message::Challenge),
         any::<[u8; 32]>().prop_map(|mac| Message::Proof(Proof { mac })),
-        (any::<[u8; 16]>(), arb_layout(16))
-            .prop_map(|(session, layout)| Message::Welcome(Welcome { session, layout })),
+        (any::<[u8; 16]>(), arb_layout(16)).prop_map(|(session, layout)| Message::Welcome(
+            Welcome {
+                session,
+                layout,
+                flags: 0
+            }
+        )),
         arb_pages().prop_map(Message::Pages),
         arb_demand(1..=MAX_DEMAND_ENTRIES).prop_map(Message::Demand),
         arb_rle_chunk().prop_map(Message::PresentBitmap),
@@ -329,6 +334,7 @@ pub fn one_of_each_kind() -> Vec<Message> {
         Message::Welcome(Welcome {
             session: h.session,
             layout: layout(),
+            flags: 0,
         }),
         Message::Pages(PagesHeader {
             region: 0,

@@ -23,7 +23,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use ringfault_engine::bitmap::AtomicBitmap;
-use ringfault_engine::stats::{cdf_points, LatencySummary, Timeline};
+use ringfault_engine::stats::{cdf_points, histogram_points, LatencySummary, Timeline};
 use ringfault_engine::sys::guest::{GuestMemory, RegionSpec};
 use ringfault_engine::sys::install::{copy as copy_from, zero};
 use ringfault_engine::sys::mapping::{AlignedBuf, MapOptions};
@@ -32,11 +32,9 @@ use ringfault_engine::sys::uffd::{
 };
 use ringfault_engine::PeerAddr;
 
-use super::child::{
-    await_switch, await_verify, emit, params, progress_printer, source_phase, Counts, DestDone,
-    Event, Finish, Lat, Spec,
-};
 use super::cpu;
+use super::events::{await_switch, await_verify, emit, Counts, DestDone, Event, Lat, Spec};
+use super::phases::{params, progress_printer, source_phase, Finish};
 use super::vm::{digests_parallel, page_offset, PAGE};
 use super::workload::{Presence, Workload};
 
@@ -148,6 +146,9 @@ pub fn source(spec: &Spec) -> anyhow::Result<()> {
         cpu_ns,
         digests,
         scan_ms: None,
+        stages: None,
+        anon_huge_bytes: super::procfs::anon_huge_bytes(m.regions()[0].addr()),
+        precopy: None,
     });
     Ok(())
 }
@@ -178,7 +179,11 @@ pub fn destination(spec: &Spec) -> anyhow::Result<()> {
         user_mode_only: false,
     })?);
     uffd.api(Features::NONE)?;
-    uffd.register(m.regions()[0].addr(), m.regions()[0].len(), RegisterMode::Missing)?;
+    uffd.register(
+        m.regions()[0].addr(),
+        m.regions()[0].len(),
+        RegisterMode::Missing,
+    )?;
     let present = Arc::new(AtomicBitmap::new(pages));
     let p = present.clone();
     let presence: Presence = Arc::new(move |page| p.is_set(page));
@@ -278,7 +283,7 @@ pub fn destination(spec: &Spec) -> anyhow::Result<()> {
     }
     result?;
     let fin = Finish { workload, cpu0 };
-    let (t_all, cpu_ns, w, digests) = fin.complete(spec, &*m);
+    let (t_all, cpu_ns, w, digests, anon_huge_bytes) = fin.complete(spec, &*m);
     done.store(true, Ordering::Relaxed);
     if let Some(h) = printer {
         let _ = h.join();
@@ -297,15 +302,22 @@ pub fn destination(spec: &Spec) -> anyhow::Result<()> {
         counts: c.clone(),
         service: None,
         service_cdf: Vec::new(),
+        service_hist: Vec::new(),
         fault: Lat::from(&fault),
         fast_touches: w.fast_touches,
         t_connected_ns,
         fault_cdf: cdf_points(&w.fault_hist),
+        fault_hist: histogram_points(&w.fault_hist),
         ops_steps: w.ops_steps,
         bytes_steps: timeline.samples().to_vec(),
         channel_bytes: vec![c.wire_bytes],
         cpu_ns,
         digests,
+        stages: None,
+        recv_in_flight_min: None,
+        protection: "none".into(),
+        metadata_bytes: 0,
+        anon_huge_bytes,
     })));
     Ok(())
 }

@@ -11,31 +11,41 @@
 //! 5. both ends hash every page; the parent compares.
 //!
 //! A raw TCP stream over the same path gives the link's limit first.
+//!
+//! This module holds the options and the orchestration; `supervisor` runs
+//! the child processes (`child`, `classic`; their protocol is `events`),
+//! `report` turns what they measured into figures, `perf` profiles them, and
+//! `procfs` reads the host.
 
 pub mod child;
 pub mod classic;
 pub mod cpu;
+pub mod events;
 pub mod netns;
+mod perf;
+pub mod phases;
 pub mod plot;
+pub mod procfs;
 pub mod report;
+mod supervisor;
+pub mod targets;
 pub mod units;
 pub mod vm;
 pub mod workload;
 
-use std::collections::VecDeque;
-use std::io::{BufRead, BufReader, Write};
 use std::path::PathBuf;
-use std::process::{Command, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{mpsc, Arc};
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use indicatif::{ProgressBar, ProgressStyle};
 
-use child::{Design, Event, Role, Spec};
+use events::{Design, Event, Role, Spec};
 use netns::{NetnsPair, Shaping};
+use perf::Perf;
 use report::{Gathered, Probe, Report, RunResult};
+use supervisor::{Child, Ctx};
 use units::{parse_duration, parse_fraction, parse_rate, parse_size};
 use vm::VmSpec;
 use workload::Pattern;
@@ -47,6 +57,8 @@ pub use child::Args as ChildArgs;
 pub enum Baseline {
     /// One blocking fault thread, one connection, no prefetch (`bench::classic`).
     Classic,
+    /// ringfault without pre-copy, the same workload (with `--precopy`).
+    Postcopy,
 }
 
 /// Options.
@@ -61,9 +73,17 @@ pub struct Args {
     /// Workload access pattern.
     #[arg(long, value_enum, default_value = "random-write")]
     pattern: Pattern,
-    /// Workload threads (vCPUs).
-    #[arg(long, default_value_t = 2)]
+    /// Workload threads (vCPUs), 1 to 64.
+    #[arg(long, default_value_t = 2, value_parser = units::parse_vcpus)]
     threads: usize,
+    /// Transparent huge pages for guest memory on both ends, as a real VMM's
+    /// guest memory usually has them (`off` to compare).
+    #[arg(long, value_enum, default_value = "on")]
+    thp: Switch,
+    /// Back guest memory with hugetlbfs pages of this size (2M or 1G) on both
+    /// ends, from the pool (`sysctl vm.nr_hugepages`).
+    #[arg(long, value_parser = parse_huge_page)]
+    hugepages: Option<u64>,
     #[command(flatten)]
     dest: crate::receive::DestOptions,
     /// How long the workload runs on the source before switch-over.
@@ -101,6 +121,10 @@ pub struct Args {
     /// Write the report as JSON.
     #[arg(long)]
     json: Option<PathBuf>,
+    /// Check the report against the targets in this TOML file instead of the
+    /// built-in `docs/targets.toml`.
+    #[arg(long)]
+    targets: Option<PathBuf>,
     /// Write a plot (fault-latency CDF, throughput and ops/s over time) as SVG.
     #[arg(long)]
     plot: Option<PathBuf>,
@@ -122,327 +146,31 @@ pub struct Args {
     timeout: Duration,
 }
 
-/// A child process and the events it sent.
-struct Child {
-    name: String,
-    proc: std::process::Child,
-    stdin: Option<std::process::ChildStdin>,
-    rx: mpsc::Receiver<Event>,
-    pending: VecDeque<Event>,
+/// On or off.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Switch {
+    /// On.
+    On,
+    /// Off.
+    Off,
 }
 
-impl Child {
-    fn spawn(name: &str, spec: &Spec, ns: Option<&str>) -> anyhow::Result<Child> {
-        let exe = std::env::current_exe().context("finding this program")?;
-        let mut cmd = match ns {
-            Some(ns) => {
-                let mut c = Command::new("ip");
-                c.args(["netns", "exec", ns]).arg(&exe);
-                c
-            }
-            None => Command::new(&exe),
-        };
-        cmd.arg("bench-child")
-            .arg(serde_json::to_string(spec)?)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit());
-        let mut proc = cmd
-            .spawn()
-            .with_context(|| format!("starting the {name} process"))?;
-        let stdout = proc
-            .stdout
-            .take()
-            .ok_or_else(|| anyhow::anyhow!("no stdout"))?;
-        let (tx, rx) = mpsc::channel();
-        let who = name.to_owned();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                match serde_json::from_str::<Event>(&line) {
-                    Ok(ev) => {
-                        if tx.send(ev).is_err() {
-                            break;
-                        }
-                    }
-                    Err(_) => eprintln!("[{who}] {line}"),
-                }
-            }
-        });
-        Ok(Child {
-            name: name.to_owned(),
-            stdin: proc.stdin.take(),
-            proc,
-            rx,
-            pending: VecDeque::new(),
-        })
-    }
-
-    fn send(&mut self, line: &str) -> anyhow::Result<()> {
-        let stdin = self
-            .stdin
-            .as_mut()
-            .ok_or_else(|| anyhow::anyhow!("{}: stdin closed", self.name))?;
-        writeln!(stdin, "{line}")
-            .and_then(|_| stdin.flush())
-            .with_context(|| format!("{} process went away", self.name))
-    }
-
-    /// Moves whatever arrived into `pending`; an error event or an exit is fatal.
-    fn check(&mut self) -> anyhow::Result<()> {
-        loop {
-            match self.rx.try_recv() {
-                Ok(Event::Error { message }) => anyhow::bail!("{}: {message}", self.name),
-                Ok(ev) => self.pending.push_back(ev),
-                Err(mpsc::TryRecvError::Empty) => return Ok(()),
-                Err(mpsc::TryRecvError::Disconnected) => {
-                    if self.pending.is_empty() {
-                        let status = self.proc.wait().ok();
-                        anyhow::bail!(
-                            "the {} process ended unexpectedly ({})",
-                            self.name,
-                            status.map_or("unknown status".into(), |s| s.to_string())
-                        );
-                    }
-                    return Ok(());
-                }
-            }
-        }
-    }
-
-    fn try_next(&mut self) -> anyhow::Result<Option<Event>> {
-        if let Some(ev) = self.pending.pop_front() {
-            return Ok(Some(ev));
-        }
-        match self.rx.recv_timeout(Duration::from_millis(50)) {
-            Ok(Event::Error { message }) => anyhow::bail!("{}: {message}", self.name),
-            Ok(ev) => Ok(Some(ev)),
-            Err(mpsc::RecvTimeoutError::Timeout) => Ok(None),
-            Err(mpsc::RecvTimeoutError::Disconnected) => {
-                let status = self.proc.wait().ok();
-                anyhow::bail!(
-                    "the {} process ended unexpectedly ({})",
-                    self.name,
-                    status.map_or("unknown status".into(), |s| s.to_string())
-                )
-            }
-        }
+fn parse_huge_page(s: &str) -> Result<u64, String> {
+    match s {
+        "2M" | "2m" | "2MiB" => Ok(2 << 20),
+        "1G" | "1g" | "1GiB" => Ok(1 << 30),
+        _ => Err(format!("{s:?}: the huge page size is 2M or 1G")),
     }
 }
 
-impl Drop for Child {
-    fn drop(&mut self) {
-        drop(self.stdin.take());
-        // Give a finished child a moment to exit on its own, then make sure.
-        let deadline = Instant::now() + Duration::from_millis(500);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.proc.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        let _ = self.proc.kill();
-        let _ = self.proc.wait();
-    }
-}
-
-/// A migration whose present count stays the same this long has stalled.
-const STALL: Duration = Duration::from_secs(60);
-
-/// The run's shared state: deadline, interrupt flag, progress bar.
-struct Ctx {
-    deadline: Instant,
-    interrupted: Arc<AtomicBool>,
-    pb: ProgressBar,
-    src_ns: Option<String>,
-    dst_ns: Option<String>,
-    listen: String,
-    perf: Option<PathBuf>,
-}
-
-/// A `perf record` attached to the two processes of a run, started with its events
-/// disabled and switched on and off through its control FIFO, so that the profile
-/// covers post-copy only (from the switch to every page present).
-struct Perf {
-    proc: std::process::Child,
-    data: PathBuf,
-    ctl: std::fs::File,
-    ack: std::fs::File,
-}
-
-fn nonblocking_open(path: &std::path::Path, write: bool) -> anyhow::Result<std::fs::File> {
-    use std::os::unix::fs::OpenOptionsExt;
-    let flags = i32::try_from(rustix::fs::OFlags::NONBLOCK.bits())?;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        // A FIFO opened for writing without a reader fails (ENXIO) until perf opens it.
-        match std::fs::OpenOptions::new()
-            .read(!write)
-            .write(write)
-            .custom_flags(flags)
-            .open(path)
-        {
-            Ok(f) => return Ok(f),
-            Err(e)
-                if Instant::now() < deadline
-                    && e.raw_os_error() == Some(rustix::io::Errno::NXIO.raw_os_error()) =>
-            {
-                std::thread::sleep(Duration::from_millis(5));
-            }
-            Err(e) => {
-                return Err(anyhow::Error::new(e).context(format!("opening {}", path.display())))
-            }
-        }
-    }
-}
-
-impl Perf {
-    fn start(dir: &std::path::Path, label: &str, pids: &[u32]) -> anyhow::Result<Perf> {
-        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-        let data = dir.join(format!("{label}.data"));
-        let (ctl, ack) = (
-            dir.join(format!("{label}.ctl")),
-            dir.join(format!("{label}.ack")),
-        );
-        for f in [&ctl, &ack] {
-            let _ = std::fs::remove_file(f);
-            let ok = Command::new("mkfifo").arg(f).status().map(|s| s.success());
-            anyhow::ensure!(ok.unwrap_or(false), "mkfifo {} failed", f.display());
-        }
-        let pids: Vec<String> = pids.iter().map(u32::to_string).collect();
-        let mut control = std::ffi::OsString::from("fifo:");
-        control.push(&ctl);
-        control.push(",");
-        control.push(&ack);
-        let proc = Command::new("perf")
-            .args(["record", "-g", "-q", "-D", "-1", "--control"])
-            .arg(control)
-            .arg("-o")
-            .arg(&data)
-            .args(["-p", &pids.join(",")])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .context("starting perf record (is perf installed?)")?;
-        let ack_file = nonblocking_open(&ack, false)?;
-        let ctl_file = nonblocking_open(&ctl, true)?;
-        Ok(Perf {
-            proc,
-            data,
-            ctl: ctl_file,
-            ack: ack_file,
-        })
-    }
-
-    /// Sends a control command and waits for perf's acknowledgement.
-    fn command(&mut self, cmd: &str) -> anyhow::Result<()> {
-        use std::io::Read;
-        writeln!(self.ctl, "{cmd}").context("writing to perf's control FIFO")?;
-        let deadline = Instant::now() + Duration::from_secs(10);
-        let mut buf = [0u8; 64];
-        loop {
-            match self.ack.read(&mut buf) {
-                Ok(n) if n > 0 => return Ok(()),
-                Ok(_) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-                Err(e) => {
-                    return Err(anyhow::Error::new(e).context("reading perf's acknowledgement"))
-                }
-            }
-            anyhow::ensure!(
-                Instant::now() < deadline,
-                "perf did not acknowledge `{cmd}`"
-            );
-            std::thread::sleep(Duration::from_millis(1));
-        }
-    }
-
-    /// Stops recording (SIGINT, as perf expects) and writes a text summary.
-    fn finish(mut self) -> anyhow::Result<PathBuf> {
-        let _ = self.command("disable");
-        let _ = Command::new("kill")
-            .args(["-INT", &self.proc.id().to_string()])
-            .status();
-        let _ = self.proc.wait();
-        let mut text = Vec::new();
-        for sort in ["comm", "comm,dso,sym"] {
-            let out = Command::new("perf")
-                .args(["report", "--stdio", "--no-children", "--sort", sort])
-                .args(["--percent-limit", "0.5", "-g", "none", "-i"])
-                .arg(&self.data)
-                .stderr(Stdio::null())
-                .output()
-                .context("running perf report")?;
-            text.extend(out.stdout);
-        }
-        let txt = self.data.with_extension("txt");
-        std::fs::write(&txt, text).with_context(|| format!("writing {}", txt.display()))?;
-        Ok(txt)
-    }
-}
-
-impl Drop for Perf {
-    fn drop(&mut self) {
-        if let Ok(None) = self.proc.try_wait() {
-            let _ = self.proc.kill();
-            let _ = self.proc.wait();
-        }
-    }
-}
-
-impl Ctx {
-    fn tick(&self) -> anyhow::Result<()> {
-        // Relaxed: a flag set by a signal handler, polled.
-        if self.interrupted.load(Ordering::Relaxed) {
-            anyhow::bail!("interrupted");
-        }
-        if Instant::now() > self.deadline {
-            anyhow::bail!("the run took longer than --timeout");
-        }
-        Ok(())
-    }
-
-    /// Waits for the next event of `c` that `want` accepts; `other` is watched for
-    /// failures meanwhile. Progress events update the bar.
-    fn wait<T>(
-        &self,
-        c: &mut Child,
-        mut other: Option<&mut Child>,
-        mut want: impl FnMut(Event) -> Option<T>,
-    ) -> anyhow::Result<T> {
-        // (present, when it last changed, total): a stall is judged only while
-        // pages are missing and progress is being reported.
-        let mut last = (u64::MAX, Instant::now(), 0u64);
-        loop {
-            self.tick()?;
-            if last.0 < last.2 && last.1.elapsed() > STALL {
-                anyhow::bail!(
-                    "no progress for {} s: {} of the pages present",
-                    STALL.as_secs(),
-                    last.0
-                );
-            }
-            if let Some(o) = other.as_deref_mut() {
-                o.check()?;
-            }
-            match c.try_next()? {
-                Some(Event::Progress { present, total }) => {
-                    self.pb.set_length(total);
-                    self.pb.set_position(present);
-                    if present != last.0 {
-                        last = (present, Instant::now(), total);
-                    }
-                }
-                Some(ev) => {
-                    let kind = format!("{ev:?}");
-                    if let Some(v) = want(ev) {
-                        return Ok(v);
-                    }
-                    tracing::debug!("ignored event from {}: {kind:.80}", c.name);
-                }
-                None => {}
-            }
-        }
+/// The synthetic VM the options describe.
+fn vm_spec(a: &Args) -> VmSpec {
+    VmSpec {
+        size: a.size,
+        populated: a.populated,
+        seed: a.seed,
+        page_size: a.hugepages.unwrap_or(4096),
+        thp: a.hugepages.is_none() && a.thp == Switch::On,
     }
 }
 
@@ -450,11 +178,7 @@ fn base_spec(a: &Args, key_hex: &str, listen: &str) -> Spec {
     Spec {
         design: Design::Ringfault,
         role: Role::Source,
-        vm: VmSpec {
-            size: a.size,
-            populated: a.populated,
-            seed: a.seed,
-        },
+        vm: vm_spec(a),
         pattern: a.pattern,
         threads: a.threads,
         engine: a.dest.clone(),
@@ -522,13 +246,24 @@ fn run_probe(ctx: &Ctx, spec: &Spec) -> anyhow::Result<Probe> {
 }
 
 fn run_design(ctx: &Ctx, spec: &Spec, design: Design) -> anyhow::Result<RunResult> {
+    run_labelled(ctx, spec, design, None)
+}
+
+/// Runs one design; `label` names it in the report (the design's name if
+/// none).
+fn run_labelled(
+    ctx: &Ctx,
+    spec: &Spec,
+    design: Design,
+    label: Option<&'static str>,
+) -> anyhow::Result<RunResult> {
     let mut s = spec.clone();
     s.design = design;
-    let label = match design {
+    let label = label.unwrap_or(match design {
         Design::Ringfault => "ringfault",
         Design::Classic => "classic",
         Design::Probe => "probe",
-    };
+    });
     ctx.pb.set_position(0);
     ctx.pb.set_message(format!(
         "{label}: building {} of guest memory",
@@ -548,11 +283,21 @@ fn run_design(ctx: &Ctx, spec: &Spec, design: Design) -> anyhow::Result<RunResul
     if let Some(p) = perf.as_mut() {
         p.command("enable")?;
     }
-    dst.send(&format!("switch {addr}"))?;
-    let (t_switch_ns, source_ops) = ctx.wait(&mut src, Some(&mut dst), |ev| match ev {
+    let switch = |ev: Event| match ev {
         Event::Switch { t_ns, ops_steps } => Some((t_ns, ops_steps)),
         _ => None,
-    })?;
+    };
+    // The ringfault source stops its VM in the handshake, once the
+    // destination authenticated; the classic one has no handshake and stops
+    // after its warm-up, and its destination must not resume before that.
+    let (t_switch_ns, source_ops) = if design == Design::Classic {
+        let sw = ctx.wait(&mut src, Some(&mut dst), switch)?;
+        dst.send(&format!("switch {addr}"))?;
+        sw
+    } else {
+        dst.send(&format!("switch {addr}"))?;
+        ctx.wait(&mut src, Some(&mut dst), switch)?
+    };
     ctx.pb.set_message(format!("{label}: post-copy"));
     ctx.wait(&mut dst, Some(&mut src), |ev| {
         matches!(ev, Event::AllPresent).then_some(())
@@ -569,16 +314,34 @@ fn run_design(ctx: &Ctx, spec: &Spec, design: Design) -> anyhow::Result<RunResul
     })?;
     ctx.pb.set_message(format!("{label}: verifying"));
     src.send("verify")?;
-    let (source_counts, source_cpu_ns, source_digests, source_scan_ms) =
-        ctx.wait(&mut src, None, |ev| match ev {
-            Event::SourceDone {
-                counts,
-                cpu_ns,
-                digests,
-                scan_ms,
-            } => Some((counts, cpu_ns, digests, scan_ms)),
-            _ => None,
-        })?;
+    let (
+        source_counts,
+        source_cpu_ns,
+        source_digests,
+        source_scan_ms,
+        source_stages,
+        source_huge,
+        source_precopy,
+    ) = ctx.wait(&mut src, None, |ev| match ev {
+        Event::SourceDone {
+            counts,
+            cpu_ns,
+            digests,
+            scan_ms,
+            stages,
+            anon_huge_bytes,
+            precopy,
+        } => Some((
+            counts,
+            cpu_ns,
+            digests,
+            scan_ms,
+            stages,
+            anon_huge_bytes,
+            precopy,
+        )),
+        _ => None,
+    })?;
     Ok(RunResult::compute(Gathered {
         design: label.to_owned(),
         size: spec.vm.size,
@@ -589,26 +352,11 @@ fn run_design(ctx: &Ctx, spec: &Spec, design: Design) -> anyhow::Result<RunResul
         source_cpu_ns,
         source_digests,
         source_scan_ms,
+        source_stages,
+        source_anon_huge_bytes: source_huge,
+        source_precopy,
         dest: *dest,
     }))
-}
-
-/// `MemAvailable` from `/proc/meminfo`, in bytes.
-fn mem_available() -> Option<u64> {
-    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let line = info.lines().find(|l| l.starts_with("MemAvailable:"))?;
-    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    kib.checked_mul(1024)
-}
-
-/// The 1-minute load average, from `/proc/loadavg`.
-fn load_average() -> Option<f64> {
-    std::fs::read_to_string("/proc/loadavg")
-        .ok()?
-        .split_whitespace()
-        .next()?
-        .parse()
-        .ok()
 }
 
 fn random_key_hex() -> anyhow::Result<String> {
@@ -619,16 +367,22 @@ fn random_key_hex() -> anyhow::Result<String> {
 
 /// Runs the subcommand.
 pub fn run(a: Args) -> anyhow::Result<()> {
-    VmSpec {
-        size: a.size,
-        populated: a.populated,
-        seed: a.seed,
+    vm_spec(&a).validate()?;
+    // Every engine option is checked before any work (the children check
+    // them again, with the run's key).
+    let key = ringfault_proto::auth::PresharedKey::new(vec![0x5a; 32])?;
+    a.dest.config(key.clone())?;
+    a.dest.source_config(key)?;
+    if let Some(ps) = a.hugepages {
+        if a.compare.contains(&Baseline::Classic) {
+            anyhow::bail!("--compare classic runs on 4 KiB pages only: drop it with --hugepages");
+        }
+        procfs::check_huge_pool(ps, a.size)?;
     }
-    .validate()?;
     // Both ends hold the populated memory (never-populated pages arrive as the
     // shared zero page).
     let need = units::to_f64(a.size) * a.populated * 2.0;
-    if let Some(avail) = mem_available() {
+    if let Some(avail) = procfs::mem_available() {
         if need > units::to_f64(avail) * 0.9 {
             // `need` is at most twice the size, a u64.
             #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
@@ -641,9 +395,6 @@ pub fn run(a: Args) -> anyhow::Result<()> {
                 units::human_bytes(avail)
             );
         }
-    }
-    if a.threads == 0 || a.threads > workload::MAX_THREADS {
-        anyhow::bail!("--threads must be 1 to {}", workload::MAX_THREADS);
     }
     if !a.netns && (a.rate.is_some() || a.delay.is_some() || a.loss.is_some()) {
         anyhow::bail!("--rate, --delay and --loss shape the veth link: they need --netns");
@@ -697,7 +448,16 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         perf: a.perf.clone(),
     };
     let spec = base_spec(&a, &random_key_hex()?, &ctx.listen);
-    let load_at_start = load_average();
+    let target_specs = match &a.targets {
+        Some(p) => {
+            let text = std::fs::read_to_string(p)
+                .with_context(|| format!("reading --targets {}", p.display()))?;
+            targets::parse(&text).with_context(|| format!("--targets {}", p.display()))?
+        }
+        None => targets::parse(targets::BUILT_IN).context("the built-in targets")?,
+    };
+    let load_at_start = procfs::load_average();
+    let started_at = cpu::utc_now();
     let result = (|| -> anyhow::Result<Report> {
         let probe = if a.no_probe {
             None
@@ -718,10 +478,21 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         };
         let mut rf_runs = Vec::new();
         let mut classic_runs = Vec::new();
+        let mut postcopy_runs = Vec::new();
+        let mut post_spec = spec.clone();
+        post_spec.engine.engine.precopy = None;
         for _ in 0..a.runs {
             rf_runs.push(run_design(&ctx, &spec, Design::Ringfault)?);
             if a.compare.contains(&Baseline::Classic) {
                 classic_runs.push(run_design(&ctx, &spec, Design::Classic)?);
+            }
+            if a.compare.contains(&Baseline::Postcopy) {
+                postcopy_runs.push(run_labelled(
+                    &ctx,
+                    &post_spec,
+                    Design::Ringfault,
+                    Some("postcopy"),
+                )?);
             }
         }
         let config = serde_json::json!({
@@ -736,11 +507,18 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             "netns": a.netns,
             "unix": a.unix,
             "rate": a.rate.as_ref().map(|r| r.0.clone()),
+            "precopy": a.dest.engine.precopy.is_some(),
+            "thp": spec.vm.thp,
+            "page_size": spec.vm.page_size,
             "cores": ringfault_engine::sys::affinity::online_cores(),
             "load_average_at_start": load_at_start,
+            "page_reporting_order": procfs::page_reporting_order(),
+            "date": started_at,
+            "kernel": procfs::kernel_release(),
         });
         let command = std::env::args().collect::<Vec<_>>().join(" ");
-        Report::new(command, config, probe, rf_runs, classic_runs)
+        Report::new(command, config, probe, rf_runs, classic_runs, &target_specs)
+            .map(|r| r.with_postcopy(postcopy_runs, &target_specs))
     })();
     ctx.pb.finish_and_clear();
     if let Some(p) = &unix_path {

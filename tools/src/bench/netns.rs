@@ -143,7 +143,7 @@ impl NetnsPair {
             let refs: Vec<&str> = args.iter().map(String::as_str).collect();
             run("ip", &refs).map_err(|e| {
                 anyhow::anyhow!(
-                    "--delay and --loss need tc netem (sch_netem), which this kernel does not have: {e}"
+                    "--delay and --loss need tc netem (sch_netem), which this kernel does not have: run on a kernel with sch_netem (modprobe sch_netem), or shape the link with --rate alone ({e})"
                 )
             })?;
         } else if let Some((rate, bps)) = &shaping.rate {

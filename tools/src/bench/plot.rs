@@ -1,6 +1,12 @@
-//! An SVG of a run, written by hand (no plotting crate): the CDF of workload
-//! fault latency (log axis), throughput over time, and workload ops/s over time
-//! (before switch-over on the source, after it on the destination).
+//! An SVG of a run, written by hand (no plotting crate): a title block saying
+//! what ran (command, date, cores, kernel), the CDF of workload fault latency
+//! (log axis) from the whole histogram, throughput over time from the
+//! switch-over, and workload ops/s over time (before switch-over on the source,
+//! after it on the destination).
+//!
+//! A timeline's last 100 ms step is cut short (the transfer or the workload
+//! ended inside it): it is drawn over its true length, or left out, never as
+//! a fall.
 
 use std::fmt::Write;
 
@@ -11,7 +17,9 @@ const W: f64 = 900.0;
 const PANEL_H: f64 = 240.0;
 const LEFT: f64 = 80.0;
 const RIGHT: f64 = 30.0;
-const TOP: f64 = 40.0;
+/// Title block above the first panel.
+const TITLE_H: f64 = 64.0;
+const TOP: f64 = TITLE_H + 40.0;
 const GAP: f64 = 70.0;
 const COLORS: [&str; 4] = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd"];
 
@@ -178,6 +186,113 @@ fn legend(svg: &mut String, y: f64, items: &[(String, &str, bool)]) {
     }
 }
 
+/// `s` with `&`, `<`, `>` and `"` escaped, for SVG text.
+fn escape(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
+}
+
+/// The title block: what ran, when, and on what.
+fn title(svg: &mut String, report: &Report) {
+    let c = &report.config;
+    let mut cmd = report.command.clone();
+    if cmd.chars().count() > 120 {
+        cmd = cmd.chars().take(117).collect::<String>() + "...";
+    }
+    let _ = write!(
+        svg,
+        r##"<text x="{LEFT}" y="24" font-size="15" font-weight="bold">{}</text>"##,
+        escape(&cmd)
+    );
+    let cores = c["cores"]
+        .as_u64()
+        .map_or("? cores".to_owned(), |n| format!("{n} cores"));
+    let line = format!(
+        "{} · {cores} · Linux {} · {} {}, {} vCPU threads",
+        c["date"].as_str().unwrap_or("date unknown"),
+        c["kernel"].as_str().unwrap_or("unknown"),
+        c["size"]
+            .as_u64()
+            .map_or("?".to_owned(), super::units::human_bytes),
+        c["pattern"].as_str().unwrap_or("?"),
+        c["threads"].as_u64().unwrap_or(0),
+    );
+    let _ = write!(
+        svg,
+        r##"<text x="{LEFT}" y="46" font-size="12" fill="#444">{}</text>"##,
+        escape(&line)
+    );
+}
+
+/// A CDF (µs, fraction): from the whole histogram when there is one, else
+/// from the quantile points.
+fn cdf(histogram: &[(f64, u64)], quantiles: &[(f64, f64)]) -> Vec<(f64, f64)> {
+    let total: u64 = histogram.iter().map(|h| h.1).sum();
+    if total == 0 {
+        return quantiles.to_vec();
+    }
+    let mut seen = 0u64;
+    let mut out = Vec::with_capacity(histogram.len() + 1);
+    if let Some(first) = histogram.first() {
+        out.push((first.0, 0.0));
+    }
+    for &(us, count) in histogram {
+        seen += count;
+        out.push((us, to_f64(seen) / to_f64(total)));
+    }
+    out
+}
+
+/// Throughput into the destination (ms since switch-over, GB/s) in 100 ms
+/// steps from its first connection. The last step ends with the transfer: it
+/// is drawn over that length, or left out when under 20 ms (too short to
+/// give a rate).
+fn throughput(r: &RunResult) -> Vec<(f64, f64)> {
+    throughput_of(
+        &r.timelines.bytes,
+        r.timelines.connect_ms,
+        r.transfer_s * 1e3,
+    )
+}
+
+/// [`throughput`] of bytes per 100 ms `steps` from `t0` ms, the transfer
+/// lasting `transfer_ms`.
+fn throughput_of(steps: &[u64], t0: f64, transfer_ms: f64) -> Vec<(f64, f64)> {
+    let mut out = Vec::with_capacity(steps.len() * 2);
+    for (i, &b) in steps.iter().enumerate() {
+        let start = 100.0 * to_f64(u64::try_from(i).unwrap_or(0));
+        let last = i + 1 == steps.len();
+        let len = if last && transfer_ms > start && transfer_ms < start + 100.0 {
+            transfer_ms - start
+        } else {
+            100.0
+        };
+        if last && len < 20.0 {
+            break;
+        }
+        // Bytes per ms ÷ 10^6 = GB/s.
+        let v = to_f64(b) / len / 1e6;
+        out.push((t0 + start, v));
+        out.push((t0 + start + len, v));
+    }
+    out
+}
+
+/// Values per 100 ms step from `offset_ms` on, times `scale`, as a step line.
+fn step_series(steps: &[u64], offset_ms: f64, scale: f64) -> Vec<(f64, f64)> {
+    steps
+        .iter()
+        .enumerate()
+        .flat_map(|(i, &b)| {
+            let t0 = offset_ms + 100.0 * to_f64(u64::try_from(i).unwrap_or(0));
+            let v = to_f64(b) * scale;
+            [(t0, v), (t0 + 100.0, v)]
+        })
+        .collect()
+}
+
 /// The SVG document.
 pub fn svg(report: &Report) -> String {
     let mut runs: Vec<&RunResult> = vec![&report.ringfault];
@@ -188,10 +303,21 @@ pub fn svg(report: &Report) -> String {
     let mut s = format!(
         r##"<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{h}" font-family="sans-serif"><rect width="100%" height="100%" fill="white"/>"##
     );
+    title(&mut s, report);
     // 1. CDF.
-    let all_x: Vec<f64> = runs
+    // Per run: the workload's CDF and the engine's.
+    let cdfs: Vec<[Vec<(f64, f64)>; 2]> = runs
         .iter()
-        .flat_map(|r| r.fault_latency_cdf.iter().chain(&r.engine_service_cdf))
+        .map(|r| {
+            [
+                cdf(&r.fault_latency_histogram, &r.fault_latency_cdf),
+                cdf(&r.engine_service_histogram, &r.engine_service_cdf),
+            ]
+        })
+        .collect();
+    let all_x: Vec<f64> = cdfs
+        .iter()
+        .flat_map(|[a, b]| a.iter().chain(b))
         .map(|p| p.0)
         .filter(|v| *v > 0.0)
         .collect();
@@ -216,47 +342,27 @@ pub fn svg(report: &Report) -> String {
         "fraction",
     );
     let mut items = Vec::new();
-    for (i, r) in runs.iter().enumerate() {
-        p.line(&mut s, &r.fault_latency_cdf, COLORS[i], false);
+    for (i, (r, [workload, service])) in runs.iter().zip(&cdfs).enumerate() {
+        p.line(&mut s, workload, COLORS[i], false);
         items.push((format!("{} (workload)", r.design), COLORS[i], false));
-        if !r.engine_service_cdf.is_empty() {
-            p.line(&mut s, &r.engine_service_cdf, COLORS[i], true);
+        if !service.is_empty() {
+            p.line(&mut s, service, COLORS[i], true);
             items.push((format!("{} (engine service)", r.design), COLORS[i], true));
         }
     }
     legend(&mut s, TOP + 14.0, &items);
-    // 2. Throughput over time (ms since switch-over).
-    let step_series = |steps: &[u64], offset_ms: f64, scale: f64| -> Vec<(f64, f64)> {
-        steps
-            .iter()
-            .enumerate()
-            .flat_map(|(i, &b)| {
-                let t0 = offset_ms + 100.0 * to_f64(u64::try_from(i).unwrap_or(0));
-                let v = to_f64(b) * scale;
-                [(t0, v), (t0 + 100.0, v)]
-            })
-            .collect()
-    };
-    let t_end = runs
+    // 2. Throughput over time, on its own axis from the switch-over.
+    let tp: Vec<Vec<(f64, f64)>> = runs.iter().copied().map(throughput).collect();
+    let tp_end = tp
         .iter()
-        .map(|r| {
-            r.timelines.resume_ms
-                + 100.0 * to_f64(u64::try_from(r.timelines.destination_ops.len()).unwrap_or(0))
-        })
+        .filter_map(|v| v.last())
+        .map(|p| p.0)
         .fold(100.0, f64::max);
-    let t_start = runs
-        .iter()
-        .map(|r| -100.0 * to_f64(u64::try_from(r.timelines.source_ops.len()).unwrap_or(0)))
-        .fold(0.0, f64::min);
-    let tp: Vec<Vec<(f64, f64)>> = runs
-        .iter()
-        .map(|r| step_series(&r.timelines.bytes, r.timelines.connect_ms, 10.0 / 1e9))
-        .collect();
     let y_max = tp.iter().flatten().map(|p| p.1).fold(0.1, f64::max) * 1.1;
     let p2 = Panel {
         y0: TOP + PANEL_H + GAP,
-        x_min: t_start,
-        x_max: t_end,
+        x_min: 0.0,
+        x_max: tp_end,
         y_min: 0.0,
         y_max,
         log_x: false,
@@ -273,14 +379,27 @@ pub fn svg(report: &Report) -> String {
         items.push((r.design.clone(), COLORS[i], false));
     }
     legend(&mut s, p2.y0 + 14.0, &items);
-    // 3. Workload ops/s.
+    // 3. Workload ops/s, from the source's warm-up on.
+    let t_end = runs
+        .iter()
+        .map(|r| {
+            r.timelines.resume_ms
+                + 100.0 * to_f64(u64::try_from(r.timelines.destination_ops.len()).unwrap_or(0))
+        })
+        .fold(100.0, f64::max);
+    let t_start = runs
+        .iter()
+        .map(|r| -100.0 * to_f64(u64::try_from(r.timelines.source_ops.len()).unwrap_or(0)))
+        .fold(0.0, f64::min);
     let ops: Vec<Vec<(f64, f64)>> = runs
         .iter()
         .map(|r| {
             let n = to_f64(u64::try_from(r.timelines.source_ops.len()).unwrap_or(0));
             let mut v = step_series(&r.timelines.source_ops, -100.0 * n, 10.0);
+            // The destination's last step ended when the workload stopped.
+            let dst = &r.timelines.destination_ops;
             v.extend(step_series(
-                &r.timelines.destination_ops,
+                &dst[..dst.len().saturating_sub(1)],
                 r.timelines.resume_ms,
                 10.0,
             ));
@@ -322,4 +441,39 @@ pub fn svg(report: &Report) -> String {
     legend(&mut s, p3.y0 + 14.0, &items);
     s.push_str("</svg>\n");
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{cdf, escape, throughput_of};
+
+    #[test]
+    fn the_last_partial_step_is_drawn_over_its_length() {
+        // 1 GB per full step (10 GB/s); the transfer ends 50 ms into the third
+        // step, which got 0.5 GB: the same rate, not a fall to 5 GB/s.
+        let pts = throughput_of(&[1_000_000_000, 1_000_000_000, 500_000_000], 5.0, 250.0);
+        assert_eq!(pts.len(), 6);
+        assert!(pts.iter().all(|p| (p.1 - 10.0).abs() < 1e-9), "{pts:?}");
+        assert_eq!(pts[5].0, 255.0);
+        // A last step of 10 ms is too short for a rate: left out.
+        let pts = throughput_of(&[1_000_000_000, 1_000_000], 0.0, 110.0);
+        assert_eq!(pts.len(), 2, "{pts:?}");
+    }
+
+    #[test]
+    fn the_cdf_comes_from_every_bucket() {
+        let hist: Vec<(f64, u64)> = (1..=100).map(|v| (f64::from(v), 1)).collect();
+        let c = cdf(&hist, &[(1.0, 0.0), (100.0, 1.0)]);
+        assert_eq!(c.len(), 101);
+        assert_eq!(c[0], (1.0, 0.0));
+        assert!((c[50].1 - 0.5).abs() < 1e-9);
+        assert_eq!(c.last(), Some(&(100.0, 1.0)));
+        // No histogram (an older report): the quantile points.
+        assert_eq!(cdf(&[], &[(3.0, 0.5)]), vec![(3.0, 0.5)]);
+    }
+
+    #[test]
+    fn titles_are_escaped() {
+        assert_eq!(escape("a<b & \"c\">"), "a&lt;b &amp; &quot;c&quot;&gt;");
+    }
 }

@@ -95,6 +95,26 @@ pub fn parse_fraction(s: &str) -> Result<f64, String> {
     }
 }
 
+/// vCPU threads of a workload: 1 to [`MAX_THREADS`](super::workload::MAX_THREADS).
+pub fn parse_vcpus(s: &str) -> Result<usize, String> {
+    parse_count(s, 1)
+}
+
+/// vCPU threads of a workload, or 0 for none.
+pub fn parse_vcpus_or_none(s: &str) -> Result<usize, String> {
+    parse_count(s, 0)
+}
+
+fn parse_count(s: &str, min: usize) -> Result<usize, String> {
+    let max = super::workload::MAX_THREADS;
+    match s.trim().parse::<i64>() {
+        Ok(v) if usize::try_from(v).is_ok_and(|v| (min..=max).contains(&v)) => {
+            usize::try_from(v).map_err(|e| e.to_string())
+        }
+        _ => Err(format!("{s:?}: give a whole number from {min} to {max}")),
+    }
+}
+
 /// Bytes as `1.00 GiB`, `256 MiB`.
 pub fn human_bytes(b: u64) -> String {
     const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
@@ -143,5 +163,10 @@ mod tests {
         assert_eq!(parse_duration("2"), Ok(Duration::from_secs(2)));
         assert!(parse_fraction("1.5").is_err());
         assert_eq!(human_bytes(1 << 30), "1 GiB");
+        assert_eq!(parse_vcpus("2"), Ok(2));
+        assert!(parse_vcpus("0").is_err());
+        assert!(parse_vcpus("-1").is_err());
+        assert_eq!(parse_vcpus_or_none("0"), Ok(0));
+        assert!(parse_vcpus_or_none("65").is_err());
     }
 }

@@ -27,6 +27,16 @@ pub struct VmSpec {
     pub populated: f64,
     /// Seed of the page contents and of the workload.
     pub seed: u64,
+    /// Bytes per page of the mapping: 4 KiB, or 2 MiB / 1 GiB for hugetlbfs.
+    #[serde(default = "default_page_size")]
+    pub page_size: u64,
+    /// 4 KiB mappings: back them with transparent huge pages.
+    #[serde(default)]
+    pub thp: bool,
+}
+
+fn default_page_size() -> u64 {
+    PAGE as u64
 }
 
 /// What a page holds at the start.
@@ -63,10 +73,24 @@ impl VmSpec {
         ppm
     }
 
+    /// Pages per population granule: a guest populates its memory in units
+    /// of the pages that back it (2 MiB with transparent or hugetlbfs huge
+    /// pages), so a sparse VM is sparse in those units.
+    fn granule(&self) -> u64 {
+        if self.thp {
+            512
+        } else {
+            (self.page_size / PAGE as u64).max(1)
+        }
+    }
+
     /// The class of `page`.
     pub fn class(&self, page: u64) -> PageClass {
+        let g = page / self.granule();
+        let populated = mix(self.seed ^ g.wrapping_mul(0x9e37_79b9_7f4a_7c15)) % 1_000_000
+            < self.populated_ppm();
         let h = mix(self.seed ^ page.wrapping_mul(0x9e37_79b9_7f4a_7c15));
-        if h % 1_000_000 >= self.populated_ppm() {
+        if !populated {
             PageClass::Unpopulated
         } else if (h >> 32).is_multiple_of(50) {
             PageClass::Zero
@@ -93,11 +117,25 @@ impl VmSpec {
 
     /// Checks the size.
     pub fn validate(&self) -> anyhow::Result<()> {
-        if self.size == 0 || !self.size.is_multiple_of(PAGE as u64) {
-            anyhow::bail!("the VM size must be a non-zero multiple of 4 KiB");
+        if !matches!(self.page_size, 4096 | 0x20_0000 | 0x4000_0000) {
+            anyhow::bail!("the page size must be 4 KiB, 2 MiB or 1 GiB");
+        }
+        if self.size == 0 || !self.size.is_multiple_of(self.page_size) {
+            anyhow::bail!(
+                "the VM size must be a non-zero multiple of its page size ({} KiB)",
+                self.page_size / 1024
+            );
         }
         usize::try_from(self.size).context("the VM size does not fit in memory")?;
         Ok(())
+    }
+
+    /// How the VM's memory is mapped (both ends use the same).
+    pub fn map_options(&self) -> MapOptions {
+        MapOptions {
+            thp: self.thp,
+            populate: false,
+        }
     }
 
     /// Maps and fills the source's memory with `threads` threads: every populated
@@ -110,11 +148,17 @@ impl VmSpec {
                 &[RegionSpec {
                     id: 1,
                     size: len,
-                    page_size: PAGE,
+                    page_size: usize::try_from(self.page_size)?,
                 }],
-                MapOptions::default(),
+                self.map_options(),
             )
-            .context("mapping the synthetic VM's memory")?,
+            .with_context(|| match self.page_size {
+                4096 => "mapping the synthetic VM's memory".to_owned(),
+                ps => format!(
+                    "mapping the synthetic VM's memory with {} KiB huge pages (is the pool big enough? sysctl vm.nr_hugepages)",
+                    ps / 1024
+                ),
+            })?,
         );
         let pages = self.pages();
         let threads = u64::try_from(threads.max(1))?;
@@ -159,6 +203,15 @@ pub trait GuestMem: Send + Sync {
     fn store(&self, off: usize, v: u64);
     /// Copies `buf.len()` bytes at `off` out.
     fn read(&self, off: usize, buf: &mut [u8]);
+    /// Address of the first byte (for `/proc` lookups).
+    fn base(&self) -> usize;
+    /// Whether any page of `off..off + len` is mapped to memory of its own (a
+    /// page never mapped, or mapped to the shared zero page, reads zero, so it
+    /// need not be read to be hashed). True when unknown.
+    fn mapped_any(&self, off: usize, len: usize) -> bool {
+        let _ = (off, len);
+        true
+    }
 }
 
 impl GuestMem for GuestMemory {
@@ -170,6 +223,24 @@ impl GuestMem for GuestMemory {
     }
     fn read(&self, off: usize, buf: &mut [u8]) {
         let _ = self.regions()[0].read(off, buf);
+    }
+    fn base(&self) -> usize {
+        self.regions()[0].addr()
+    }
+    fn mapped_any(&self, off: usize, len: usize) -> bool {
+        use ringfault_engine::sys::pagemap::{Query, Scanner, PAGE_IS_PFNZERO};
+        thread_local! {
+            static SCANNER: std::cell::RefCell<Option<Scanner>> =
+                std::cell::RefCell::new(Scanner::new().ok());
+        }
+        let start = self.regions()[0].addr() + off;
+        SCANNER.with(|s| {
+            s.borrow_mut()
+                .as_mut()
+                .and_then(|sc| sc.scan(start, start + len, Query::Populated).ok())
+                // Pages mapped to the shared zero page read zero too.
+                .is_none_or(|v| v.iter().any(|x| x.categories & PAGE_IS_PFNZERO == 0))
+        })
     }
 }
 
@@ -210,18 +281,38 @@ fn digests_of(
     let chunks = end.saturating_sub(first).div_ceil(CHUNK_PAGES);
     let mut out = Vec::with_capacity(usize::try_from(chunks).unwrap_or(0));
     let mut buf = vec![0u8; PAGE];
-    let mut d = 0u64;
-    for p in first..end {
-        let Ok(off) = page_offset(p) else { break };
-        mem.read(off, &mut buf);
-        restore(p, &mut buf);
-        d = mix(d ^ page_hash(&buf)).wrapping_add(p);
-        if (p + 1) % CHUNK_PAGES == 0 || p + 1 == end {
-            out.push(d);
-            d = 0;
+    let mut c = first;
+    while c < end {
+        let stop = (c / CHUNK_PAGES + 1) * CHUNK_PAGES;
+        let stop = stop.min(end);
+        let (Ok(off), Ok(n)) = (page_offset(c), usize::try_from(stop - c)) else {
+            break;
+        };
+        // A chunk that reads all zero has a digest of its own, so that a
+        // chunk never mapped on either side (a sparse VM) is not read.
+        if !mem.mapped_any(off, n * PAGE) {
+            out.push(zero_chunk_digest(c));
+            c = stop;
+            continue;
         }
+        let mut d = 0u64;
+        let mut zero = true;
+        for p in c..stop {
+            let Ok(off) = page_offset(p) else { break };
+            mem.read(off, &mut buf);
+            restore(p, &mut buf);
+            zero &= buf.iter().all(|&b| b == 0);
+            d = mix(d ^ page_hash(&buf)).wrapping_add(p);
+        }
+        out.push(if zero { zero_chunk_digest(c) } else { d });
+        c = stop;
     }
     out
+}
+
+/// The digest of a chunk that reads all zero, by its first page.
+fn zero_chunk_digest(first: u64) -> u64 {
+    mix(first ^ 0x5a5a_0000_0000_0001)
 }
 
 /// Digests computed by two threads (the work is memory bound).
@@ -251,6 +342,8 @@ mod tests {
             size: 4096 * 10_000,
             populated: 0.25,
             seed: 7,
+            page_size: 4096,
+            thp: false,
         };
         let populated = (0..10_000)
             .filter(|&p| spec.class(p) != PageClass::Unpopulated)
@@ -269,6 +362,8 @@ mod tests {
             size: 4096 * 600,
             populated: 1.0,
             seed: 1,
+            page_size: 4096,
+            thp: false,
         };
         let m = spec.build(2).unwrap();
         let a = digests_parallel(&*m, spec.pages(), &|_, _| {});

@@ -113,6 +113,18 @@ pub struct WorkloadResult {
     pub cpu_to_mark_ns: u64,
 }
 
+impl WorkloadResult {
+    /// Puts back in `buf`, a copy of page `page`, the words the threads
+    /// wrote, so that it reads as the page arrived (needs `log_writes`).
+    pub fn restore_page(&self, page: u64, buf: &mut [u8]) {
+        for (t, fw) in self.first_writes.iter().enumerate() {
+            if let (Some(v), Some(word)) = (fw.get(page), buf.get_mut(t * 8..t * 8 + 8)) {
+                word.copy_from_slice(&v.to_le_bytes());
+            }
+        }
+    }
+}
+
 /// For each page a thread wrote: the value its word held before the first write.
 /// Dense arrays up to 8 Mi pages (32 GiB), a hash map above.
 #[derive(Debug)]

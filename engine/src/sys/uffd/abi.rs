@@ -6,7 +6,6 @@
 
 use std::mem::size_of;
 
-
 const IOC_NRSHIFT: u32 = 0;
 const IOC_TYPESHIFT: u32 = 8;
 const IOC_SIZESHIFT: u32 = 16;
@@ -197,7 +196,6 @@ pub struct UffdioMove {
     /// Out: bytes moved, or `-errno`.
     pub r#move: i64,
 }
-
 
 /// `ioctl(2)` request argument; libc's type differs between glibc and musl.
 pub(crate) fn request(nr: u32) -> libc::Ioctl {

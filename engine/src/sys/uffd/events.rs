@@ -136,6 +136,8 @@ pub fn parse_all(bytes: &[u8]) -> impl Iterator<Item = Event> + '_ {
     bytes.chunks_exact(UFFD_MSG_SIZE).filter_map(parse_bytes)
 }
 
+const _: () = assert!(std::mem::size_of::<UffdMsg>() == 32);
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -180,4 +182,3 @@ mod tests {
         assert_eq!(m.parse(), Event::Unknown(0x7e));
     }
 }
-const _: () = assert!(std::mem::size_of::<UffdMsg>() == 32);

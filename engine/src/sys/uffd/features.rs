@@ -5,11 +5,8 @@
 use std::fmt;
 use std::ops::BitOr;
 
-use super::abi::{
-    NR_CONTINUE, NR_COPY, NR_MOVE, NR_POISON, NR_WAKE, NR_WRITEPROTECT, NR_ZEROPAGE,
-};
+use super::abi::{NR_CONTINUE, NR_COPY, NR_MOVE, NR_POISON, NR_WAKE, NR_WRITEPROTECT, NR_ZEROPAGE};
 use super::UffdError;
-
 
 /// A set of `UFFD_FEATURE_*` bits.
 #[derive(Clone, Copy, PartialEq, Eq, Default, Hash)]

@@ -69,19 +69,19 @@ use std::ffi::CStr;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 
+pub(crate) use abi::request as ioctl_request;
 use abi::{
     request, u64_of, UffdioApi, UffdioRange, UffdioRegister, UFFDIO_API, UFFDIO_REGISTER,
     UFFDIO_REGISTER_MODE_MISSING, UFFDIO_REGISTER_MODE_WP, UFFDIO_UNREGISTER, UFFDIO_WAKE,
     UFFD_API, UFFD_USER_MODE_ONLY, USERFAULTFD_IOC_NEW,
 };
 pub use abi::{
-    UFFDIO_COPY, UFFDIO_MOVE, UFFDIO_WRITEPROTECT, UFFDIO_ZEROPAGE, PAGEFAULT_FLAG_MINOR,
-    PAGEFAULT_FLAG_WP, PAGEFAULT_FLAG_WRITE,
+    PAGEFAULT_FLAG_MINOR, PAGEFAULT_FLAG_WP, PAGEFAULT_FLAG_WRITE, UFFDIO_COPY, UFFDIO_MOVE,
+    UFFDIO_WRITEPROTECT, UFFDIO_ZEROPAGE,
 };
 pub use events::{parse_all, parse_bytes, Event, UffdMsg, UFFD_MSG_SIZE};
 pub use features::{Features, Ioctls};
 pub use ops::Installed;
-pub(crate) use abi::request as ioctl_request;
 
 /// Errors from userfaultfd operations.
 #[derive(Debug, thiserror::Error)]
@@ -158,7 +158,6 @@ pub enum UffdError {
         source: io::Error,
     },
 }
-
 
 /// Options for [`Uffd::open`].
 #[derive(Debug, Clone, Copy, Default)]
@@ -437,7 +436,6 @@ impl AsFd for Uffd {
         self.fd.as_fd()
     }
 }
-
 
 /// Sets `O_NONBLOCK` on a userfaultfd (a VMM may hand over a blocking one;
 /// io_uring reads wait for events only on a non-blocking one).

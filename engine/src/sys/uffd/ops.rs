@@ -201,8 +201,7 @@ impl Uffd {
         // SAFETY: UFFDIO_WRITEPROTECT reads a `struct uffdio_writeprotect`
         // (mirrored by `arg`); it changes page protections of a registered
         // range, never memory contents.
-        let ret =
-            unsafe { libc::ioctl(self.as_raw_fd(), request(UFFDIO_WRITEPROTECT), &mut arg) };
+        let ret = unsafe { libc::ioctl(self.as_raw_fd(), request(UFFDIO_WRITEPROTECT), &mut arg) };
         if ret < 0 {
             return Err(UffdError::Range {
                 op: "UFFDIO_WRITEPROTECT",
