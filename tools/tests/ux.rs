@@ -32,10 +32,15 @@ fn tmp(name: &str) -> PathBuf {
     dir.join(name)
 }
 
+/// The key file, written once (tests run in parallel and read it meanwhile).
 fn key() -> PathBuf {
-    let k = tmp("key");
-    std::fs::write(&k, "a-key-of-at-least-sixteen-bytes\n").unwrap_or_else(|e| panic!("{e}"));
-    k
+    static KEY: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    KEY.get_or_init(|| {
+        let k = tmp("key");
+        std::fs::write(&k, "a-key-of-at-least-sixteen-bytes\n").unwrap_or_else(|e| panic!("{e}"));
+        k
+    })
+    .clone()
 }
 
 /// Runs `ringfault ARGS`; returns its output and how long it took.
@@ -147,6 +152,21 @@ fn bench_checks_engine_options_before_the_warm_up() {
     );
     assert!(err.contains("--encrypt"), "{err}");
     assert_eq!(err.trim().lines().count(), 1, "one clear line: {err}");
+    assert!(
+        took < Duration::from_secs(2),
+        "refused before any work, not after {took:?}"
+    );
+}
+
+#[test]
+fn compare_postcopy_without_precopy_says_what_to_add() {
+    let (out, took) = run(&["bench", "--size", "64M", "--compare", "postcopy", "--quiet"]);
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.starts_with("ringfault: error:") && err.contains("--precopy"),
+        "{err}"
+    );
     assert!(
         took < Duration::from_secs(2),
         "refused before any work, not after {took:?}"

@@ -373,6 +373,11 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     let key = ringfault_proto::auth::PresharedKey::new(vec![0x5a; 32])?;
     a.dest.config(key.clone())?;
     a.dest.source_config(key)?;
+    if a.compare.contains(&Baseline::Postcopy) && a.dest.engine.precopy.is_none() {
+        anyhow::bail!(
+            "--compare postcopy compares a pre-copy run with pure post-copy: add --precopy N or --precopy auto"
+        );
+    }
     if let Some(ps) = a.hugepages {
         if a.compare.contains(&Baseline::Classic) {
             anyhow::bail!("--compare classic runs on 4 KiB pages only: drop it with --hugepages");
