@@ -210,6 +210,15 @@ def one_run(a, name, mib, daemon, mode):
             row["finished"] = False
             row["cap_s"] = cap
             log(f"{name} {mib} MiB: the daemon did not finish within {cap} s")
+            if dump is not None:
+                # The page server's session is about to break, and a failed
+                # `criu dump` thaws the original tree, which would then write
+                # result-0 itself: kill it first (the restored copy is
+                # another process).
+                try:
+                    os.kill(wl.pid, signal.SIGKILL)
+                except OSError:
+                    pass
         lazy_s = (time.monotonic() - t0) - t_go
         time.sleep(2)
         wl.touch("stop")
