@@ -467,8 +467,11 @@ fn balloon(background: bool) {
     if background {
         assert!(r.all_present_after_s.is_some(), "{r:?}");
     }
+    // With the background fill, every page may be present (and the regions
+    // unregistered, so that the kernel itself serves the removed ranges
+    // with zeros, checked above) before the balloon inflates.
     assert!(
-        r.removed_pages > 0,
+        r.removed_pages > 0 || background,
         "the handler counts the pages REMOVE events took away: {r:?}"
     );
     if !background {
