@@ -479,6 +479,12 @@ impl Loop<'_> {
             if s.base != 0 && !self.inst.is_gone(s.owner) {
                 if let Some(u) = self.inst.uffd_of(s.owner) {
                     u.unregister(s.base, s.len())?;
+                    // Unregistering wakes the threads blocked on faults in
+                    // the range, but a vCPU was seen (Linux 6.18, twice in
+                    // the suite) still blocked in `handle_userfault` on an
+                    // unregistered range afterwards: wake the range too.
+                    // Nothing waits on it normally, so this costs one ioctl.
+                    let _ = u.wake(s.base, s.len());
                 }
             }
         }
