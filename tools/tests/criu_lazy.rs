@@ -258,11 +258,27 @@ fn criu_process_tree_parent_and_child() {
         assert_verified(&run);
         let tasks = run.summary["tasks"].as_array().unwrap().clone();
         assert_eq!(tasks.len(), 2, "{}", run.summary);
-        assert!(
-            tasks.iter().all(|t| t["exited"] == false),
-            "{}",
-            run.summary
-        );
+        // Both tasks had lazy pages of their own. `exited` is not checked:
+        // a `verify` task exits once it has read its buffer, which can come
+        // before the background fill reaches the few lazy pages (stack,
+        // libc data) it never touched; the daemon then rightly reports it
+        // as having exited with pages missing.
+        for t in &tasks {
+            assert!(
+                t["lazy_pages"].as_u64().unwrap() >= 32 * 256,
+                "{}",
+                run.summary
+            );
+        }
+        // Every lazy page was either delivered or belonged to a task that
+        // had gone: a live task left short would have kept the daemon
+        // running until the limit.
+        let s = &run.summary;
+        let delivered =
+            s["demand_pages"].as_u64().unwrap() + s["background_pages"].as_u64().unwrap();
+        if tasks.iter().all(|t| t["exited"] == false) {
+            assert_eq!(delivered, s["lazy_pages"].as_u64().unwrap(), "{s}");
+        }
     }
 }
 
