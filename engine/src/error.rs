@@ -295,20 +295,86 @@ impl EngineError {
         matches!(
             self,
             EngineError::ConnectionLost { .. } | EngineError::Silent { .. }
-        ) || matches!(self, EngineError::Io { source, .. } if matches!(
-            source.kind(),
-            std::io::ErrorKind::ConnectionReset
-                | std::io::ErrorKind::ConnectionAborted
-                | std::io::ErrorKind::BrokenPipe
-                | std::io::ErrorKind::TimedOut
-                | std::io::ErrorKind::UnexpectedEof
-        ) || source.raw_os_error() == Some(libc::ETIMEDOUT)
-            || source.raw_os_error() == Some(libc::EHOSTUNREACH)
-            || source.raw_os_error() == Some(libc::ENETUNREACH))
+        ) || matches!(self, EngineError::Io { source, .. } if link_lost(source))
     }
+}
+
+/// A copy of `e` for an error of our own, keeping its OS error code (which
+/// [`link_lost`] and the operator's message rely on).
+pub fn copy_io(e: &std::io::Error) -> std::io::Error {
+    e.raw_os_error().map_or_else(
+        || std::io::Error::new(e.kind(), e.to_string()),
+        std::io::Error::from_raw_os_error,
+    )
+}
+
+/// Whether an error on a connected socket means that the link to the peer
+/// is gone (reset, timed out, unreachable, or the local interface down), so
+/// that a resume may help. Every lane classifies its socket errors here.
+pub fn link_lost(e: &std::io::Error) -> bool {
+    use std::io::ErrorKind as K;
+    matches!(
+        e.kind(),
+        K::ConnectionReset
+            | K::ConnectionAborted
+            | K::BrokenPipe
+            | K::TimedOut
+            | K::UnexpectedEof
+            | K::NetworkUnreachable
+            | K::HostUnreachable
+            | K::NetworkDown
+    ) || matches!(
+        e.raw_os_error(),
+        Some(
+            libc::ETIMEDOUT
+                | libc::EHOSTUNREACH
+                | libc::ENETUNREACH
+                | libc::ENETDOWN
+                | libc::EHOSTDOWN
+                | libc::ENETRESET
+        )
+    )
 }
 
 /// A name for a protection mode, for [`EngineError::Protection`].
 pub fn protection_name(p: Protection) -> &'static str {
     p.name()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A link that goes down mid-migration shows up as any of these errors,
+    /// depending on which end lost its interface and when: each must lead
+    /// to a resume, not to the end of the session (an unreachable network
+    /// once ended a handler whose link was down for 3 s).
+    #[test]
+    fn resume_follows_every_link_loss_errno() {
+        for errno in [
+            libc::ECONNRESET,
+            libc::ECONNABORTED,
+            libc::EPIPE,
+            libc::ETIMEDOUT,
+            libc::ENETUNREACH,
+            libc::EHOSTUNREACH,
+            libc::ENETDOWN,
+            libc::EHOSTDOWN,
+            libc::ENETRESET,
+        ] {
+            let e = std::io::Error::from_raw_os_error(errno);
+            assert!(link_lost(&e), "errno {errno}");
+            let copy = copy_io(&e);
+            assert_eq!(copy.raw_os_error(), Some(errno));
+            assert!(
+                EngineError::io("receiving", copy).is_link_loss(),
+                "errno {errno}"
+            );
+        }
+        for errno in [libc::EINVAL, libc::EBADF, libc::ENOMEM, libc::EACCES] {
+            let e = std::io::Error::from_raw_os_error(errno);
+            assert!(!link_lost(&e), "errno {errno}");
+            assert!(!EngineError::io("receiving", e).is_link_loss());
+        }
+    }
 }

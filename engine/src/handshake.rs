@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use ringfault_proto::auth::{self, PresharedKey};
 use ringfault_proto::{
-    Capabilities, Challenge, ErrorCode, Hello, Lane, Layout, Message, Nonce, Opener, Proof,
+    Capabilities, Challenge, Cipher, ErrorCode, Hello, Lane, Layout, Message, Nonce, Opener, Proof,
     Protection, Role, Sealer, SessionId, Welcome, VERSION, WELCOME_VERIFY,
 };
 
@@ -81,7 +81,9 @@ pub struct DestinationLink {
     pub flags: u32,
 }
 
-/// The destination's side of the handshake.
+/// The destination's side of the handshake: it proposes `protection` with
+/// `cipher`.
+#[allow(clippy::too_many_arguments)]
 pub fn destination_handshake(
     mut stream: Stream,
     key: &PresharedKey,
@@ -89,8 +91,15 @@ pub fn destination_handshake(
     session: SessionId,
     resume: bool,
     protection: Protection,
+    cipher: Cipher,
     capabilities: Capabilities,
 ) -> Result<DestinationLink, EngineError> {
+    // No cipher without protection (the codec refuses one).
+    let cipher = if protection == Protection::None {
+        Cipher::default()
+    } else {
+        cipher
+    };
     let lane = id.lane_id();
     stream
         .set_read_timeout(Some(HANDSHAKE_TIMEOUT))
@@ -106,6 +115,7 @@ pub fn destination_handshake(
         session,
         resume,
         protection,
+        cipher,
         lane_flags: id.lane_flags,
         nonce,
     };
@@ -129,7 +139,7 @@ pub fn destination_handshake(
         );
         return Err(e.into());
     }
-    if challenge.protection != protection {
+    if challenge.protection != protection || challenge.cipher != cipher {
         send_bare_error(
             &mut stream,
             ErrorCode::AuthFailed,
@@ -137,7 +147,11 @@ pub fn destination_handshake(
         );
         return Err(EngineError::Protection {
             ours: protection.name(),
-            theirs: challenge.protection.name(),
+            theirs: if challenge.protection == protection {
+                challenge.cipher.name()
+            } else {
+                challenge.protection.name()
+            },
         });
     }
     if challenge.capabilities.0 & !hello.capabilities.0 != 0 {
@@ -157,9 +171,9 @@ pub fn destination_handshake(
     };
     send_bare(&mut stream, &Message::Proof(proof))?;
     let keys = auth::derive_keys(key, &hello, &challenge, &proof);
-    let sealer = Sealer::new(protection, &keys.d2s)
+    let sealer = Sealer::with_cipher(protection, cipher, &keys.d2s)
         .map_err(|source| EngineError::Integrity { lane, source })?;
-    let opener = Opener::new(protection, &keys.s2d)
+    let opener = Opener::with_cipher(protection, cipher, &keys.s2d)
         .map_err(|source| EngineError::Integrity { lane, source })?;
     let mut framed = Framed {
         stream,
@@ -245,6 +259,7 @@ pub fn source_handshake(
         capabilities: hello.capabilities.intersect(our_capabilities()),
         session: hello.session,
         protection: hello.protection,
+        cipher: hello.cipher,
         nonce,
         mac,
     };
@@ -280,9 +295,11 @@ pub fn source_handshake(
         return Err(e);
     }
     let keys = auth::derive_keys(key, &hello, &challenge, &proof);
-    let sealer = Sealer::new(protection, &keys.s2d)
+    // The destination chooses the cipher (either is accepted: both are
+    // AEADs of the same strength; its CPU decides which is faster).
+    let sealer = Sealer::with_cipher(protection, hello.cipher, &keys.s2d)
         .map_err(|source| EngineError::Integrity { lane, source })?;
-    let opener = Opener::new(protection, &keys.d2s)
+    let opener = Opener::with_cipher(protection, hello.cipher, &keys.d2s)
         .map_err(|source| EngineError::Integrity { lane, source })?;
     let mut framed = Framed {
         stream,

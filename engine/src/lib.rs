@@ -36,6 +36,6 @@ pub mod wire;
 pub use addr::PeerAddr;
 pub use destination::{Destination, DestinationConfig, InstallMode, Verify};
 pub use error::EngineError;
-pub use ringfault_proto::Protection;
+pub use ringfault_proto::{Cipher, Protection};
 pub use source::{Source, SourceConfig};
 pub use sys::guest::GuestMemory;

@@ -289,6 +289,8 @@ pub struct DestinationReport {
     pub channels: Vec<ChannelReport>,
     /// Frame protection: `none`, `mac` or `aead`.
     pub protection: String,
+    /// Its AEAD: `aes-256-gcm` or `chacha20-poly1305` (empty under `none`).
+    pub cipher: String,
     /// Resumes after a broken link.
     pub resumes: u32,
     /// Bytes of page-state metadata (the present bitmap) allocated.
@@ -348,6 +350,7 @@ impl DestinationReport {
             fault_service_histogram: histogram_points(h),
             channels,
             protection: String::new(),
+            cipher: String::new(),
             resumes: 0,
             metadata_bytes: 0,
             source_digests: None,

@@ -61,6 +61,7 @@ fn read_exact(stream: &mut Stream, buf: &mut [u8], lane: LaneId) -> Result<(), E
             ),
             e,
         ),
+        _ if crate::error::link_lost(&e) => EngineError::ConnectionLost { lane },
         _ => EngineError::io(format!("reading from {} on the {lane}", stream.peer()), e),
     })
 }

@@ -302,3 +302,62 @@ fn a_vanished_source_leaves_faulting_threads_waiting() {
     let (ok, line) = src.finish();
     assert!(!ok, "the source was killed: {line}");
 }
+
+/// A source that, once the link is lost, answers the destination's resume
+/// with a layout other than the session's: guest memory is already laid out,
+/// so the destination must refuse it and stop, not install by the new one.
+#[test]
+fn resume_with_another_layout_is_refused() {
+    let _g = serial();
+    let listener = PeerAddr::parse("tcp:127.0.0.1:0")
+        .and_then(|a| a.listen())
+        .unwrap_or_else(|e| panic!("listen: {e}"));
+    let addr = listener
+        .local_addr()
+        .unwrap_or_else(|e| panic!("local address: {e}"));
+    let (done_tx, done_rx) = mpsc::channel::<()>();
+    let h = std::thread::spawn(move || {
+        let accept = |layout: &Layout| {
+            let s = listener.accept().unwrap_or_else(|e| panic!("accept: {e}"));
+            source_handshake(
+                s,
+                &key(),
+                layout,
+                Protection::Mac,
+                Duration::from_secs(10),
+                0,
+                |_| Ok(()),
+            )
+            .unwrap_or_else(|e| panic!("handshake: {}", error_chain(&e)))
+        };
+        // The session begins on the 4 MiB layout, demand lane and one bulk
+        // lane; then both connections drop (a lost link).
+        let first: Vec<_> = (0..2).map(|_| accept(&layout())).collect();
+        drop(first);
+        // The resume's demand lane is welcomed with an 8 MiB region.
+        let mut other = layout();
+        other.regions[0].size *= 2;
+        let resumed = accept(&other);
+        let _ = done_rx.recv_timeout(Duration::from_secs(20));
+        drop(resumed);
+    });
+    let mut cfg = DestinationConfig::new(key());
+    cfg.resume_timeout = Duration::from_secs(10);
+    let dest =
+        Destination::connect(&addr, cfg).unwrap_or_else(|e| panic!("connect: {}", error_chain(&e)));
+    let started = Instant::now();
+    let err = dest
+        .run()
+        .expect_err("a resume with another layout must fail");
+    assert!(
+        started.elapsed() < Duration::from_secs(8),
+        "it must stop at the resumed Welcome, not at the resume timeout: {err:?}"
+    );
+    assert!(
+        matches!(&err, EngineError::LayoutMismatch(m) if m.contains("resuming")),
+        "{err:?}"
+    );
+    let _ = done_tx.send(());
+    h.join()
+        .unwrap_or_else(|_| panic!("the hostile source panicked"));
+}

@@ -26,7 +26,7 @@ use ringfault_engine::sys::guest::{GuestMemory, GuestRegion, RegionSpec};
 use ringfault_engine::sys::mapping::MapOptions;
 use ringfault_engine::sys::uffd::{Features, RegisterMode, Uffd, UffdOptions};
 use ringfault_engine::{
-    Destination, DestinationConfig, EngineError, PeerAddr, Protection, Source, SourceConfig,
+    Cipher, Destination, DestinationConfig, EngineError, PeerAddr, Protection, Source, SourceConfig,
 };
 use ringfault_proto::auth::PresharedKey;
 use ringfault_proto::{Lane, MsgKind, SealError};
@@ -219,12 +219,17 @@ struct Attacked {
 }
 
 fn attacked(seed: u64, attack: Attack, protection: Protection) -> Attacked {
+    attacked_with(seed, attack, protection, Cipher::Aes256Gcm)
+}
+
+fn attacked_with(seed: u64, attack: Attack, protection: Protection, cipher: Cipher) -> Attacked {
     let spec = VmSpec::dense(SIZE, seed);
     let (source, addr) = spawn_source(&spec, protection);
     let proxy = Proxy::start(&addr, attack, protection.tag_len());
     proxy.slow_bulk(Duration::from_millis(20));
     let mut cfg = DestinationConfig::new(key());
     cfg.protection = protection;
+    cfg.cipher = cipher;
     let dest = Destination::connect(proxy.addr(), cfg)
         .unwrap_or_else(|e| panic!("connect: {}", error_chain(&e)));
     let mem = dest.memory().unwrap_or_else(|| panic!("own memory"));
@@ -312,6 +317,31 @@ fn tamper_flipped_payload_bit_under_encryption_fails_its_tag() {
     let _g = serial();
     let a = attacked(37, Attack::FlipPayloadBit { nth: 3 }, Protection::Aead);
     assert_eq!((a.tampering.lane, a.tampering.channel), (Lane::Bulk, 1));
+    assert!(
+        matches!(
+            &a.err,
+            EngineError::Integrity { lane, source: SealError::BadTag { seq } }
+                if *lane == LaneId::bulk(1) && *seq == a.tampering.seq
+        ),
+        "{:?} (tampered: {:?})",
+        a.err,
+        a.tampering
+    );
+    source_was_told(a.source, "integrity check failed on the bulk lane 1");
+}
+
+#[test]
+fn tamper_chacha20_poly1305_flipped_bit_is_detected() {
+    // The destination proposes ChaCha20-Poly1305 (as on a CPU without AES
+    // instructions); the source accepts it. Pages arrive and verify until
+    // the proxy flips a bit, which fails that frame's tag.
+    let _g = serial();
+    let a = attacked_with(
+        41,
+        Attack::FlipPayloadBit { nth: 3 },
+        Protection::Mac,
+        Cipher::ChaCha20Poly1305,
+    );
     assert!(
         matches!(
             &a.err,

@@ -1,14 +1,15 @@
-//! `Opener::open` on arbitrary frames under every protection mode: never
+//! `Opener::open` on arbitrary frames under every protection mode and
+//! cipher: never
 //! panics, never accepts a frame it was not sealed for, and a failed check
 //! leaves the sequence number where it was. Frames the matching `Sealer`
 //! sealed from the same bytes open, and give back the payload.
 //!
-//! Input: `mode selector | key byte | head_len u16 | rest`; `rest` is split
+//! Input: `mode and cipher selector | key byte | head_len u16 | rest`; `rest` is split
 //! into `head` (`head_len` bytes, clamped) and `payload_and_tag`.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use ringfault_proto::{Opener, Protection, SealError, Sealer, TAG_LEN};
+use ringfault_proto::{Cipher, Opener, Protection, SealError, Sealer, TAG_LEN};
 
 const MODES: [Protection; 3] = [Protection::None, Protection::Mac, Protection::Aead];
 
@@ -17,12 +18,17 @@ fuzz_target!(|data: &[u8]| {
         return;
     };
     let mode = MODES[usize::from(selector) % MODES.len()];
+    let cipher = if (selector / 3) % 2 == 0 {
+        Cipher::Aes256Gcm
+    } else {
+        Cipher::ChaCha20Poly1305
+    };
     let key = [key_byte; 32];
     let head_len = usize::from(u16::from_le_bytes([l0, l1])).min(rest.len());
     let (head, tail) = rest.split_at(head_len);
 
     // 1. Arbitrary bytes: whatever happens, no panic, and no advance on failure.
-    let mut opener = Opener::new(mode, &key).expect("32-byte key");
+    let mut opener = Opener::with_cipher(mode, cipher, &key).expect("32-byte key");
     let mut buf = tail.to_vec();
     match opener.open(head, &mut buf) {
         Ok(()) => {
@@ -45,7 +51,7 @@ fuzz_target!(|data: &[u8]| {
 
     // 2. The same bytes, sealed as a frame whose payload is `tail`: it opens
     //    exactly once, and gives back the payload.
-    let mut sealer = Sealer::new(mode, &key).expect("32-byte key");
+    let mut sealer = Sealer::with_cipher(mode, cipher, &key).expect("32-byte key");
     let mut sealed = vec![0u8; tail.len()];
     let tag = sealer
         .seal_encrypt(head, tail, &mut sealed)
@@ -54,7 +60,7 @@ fuzz_target!(|data: &[u8]| {
     if let Some(tag) = tag {
         sealed.extend_from_slice(&tag);
     }
-    let mut opener = Opener::new(mode, &key).expect("32-byte key");
+    let mut opener = Opener::with_cipher(mode, cipher, &key).expect("32-byte key");
     let mut again = sealed.clone();
     opener.open(head, &mut sealed).expect("own frame opens");
     assert_eq!(&sealed[..tail.len()], tail);

@@ -1,11 +1,14 @@
-use ringfault_proto::{Opener, Protection, Sealer};
+use ringfault_proto::{Cipher, Opener, Protection, Sealer};
 use std::time::Instant;
 fn main() {
     let payload = vec![0x5au8; 1 << 20];
     let head = [1u8; 40];
-    for mode in [Protection::Mac, Protection::Aead] {
-        let mut s = Sealer::new(mode, &[3; 32]).unwrap();
-        let mut o = Opener::new(mode, &[3; 32]).unwrap();
+    for (cipher, mode) in [Cipher::Aes256Gcm, Cipher::ChaCha20Poly1305]
+        .into_iter()
+        .flat_map(|c| [(c, Protection::Mac), (c, Protection::Aead)])
+    {
+        let mut s = Sealer::with_cipher(mode, cipher, &[3; 32]).unwrap();
+        let mut o = Opener::with_cipher(mode, cipher, &[3; 32]).unwrap();
         let n = 1024;
         let mut out = vec![0u8; payload.len() + 16];
         let t = Instant::now();
@@ -21,7 +24,11 @@ fn main() {
             tags.push(tag);
         }
         let e = t.elapsed().as_secs_f64();
-        println!("{mode:?} seal: {:.2} GB/s", f64::from(n << 20) / e / 1e9);
+        let name = cipher.name();
+        println!(
+            "{name} {mode:?} seal: {:.2} GB/s",
+            f64::from(n << 20) / e / 1e9
+        );
         let mut buf = payload.clone();
         buf.extend_from_slice(&[0; 16]);
         let t = Instant::now();
@@ -38,7 +45,7 @@ fn main() {
         }
         let e = t.elapsed().as_secs_f64();
         println!(
-            "{mode:?} open: {:.2} GB/s ({ok} ok)",
+            "{name} {mode:?} open: {:.2} GB/s ({ok} ok)",
             f64::from(ok.max(1) << 20) / e / 1e9
         );
     }

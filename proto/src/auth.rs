@@ -2,8 +2,8 @@
 //!
 //! ```text
 //! D -> S  Hello      (nonce_d, session, ...)
-//! S -> D  Challenge  (nonce_s, mac_s = HMAC(k, "ringfault/1 source" || Hello body || nonce_s || session))
-//! D -> S  Proof      (mac_d = HMAC(k, "ringfault/1 destination" || Hello body || Challenge body))
+//! S -> D  Challenge  (nonce_s, mac_s = HMAC(k, "ringfault/2 source" || Hello body || nonce_s || session))
+//! D -> S  Proof      (mac_d = HMAC(k, "ringfault/2 destination" || Hello body || Challenge body))
 //! S -> D  Welcome    (layout), only after mac_d verified
 //! ```
 //!
@@ -123,7 +123,7 @@ impl PresharedKey {
     }
 }
 
-/// HMAC-SHA256(key, "ringfault/1 source" || encoded Hello body || challenge
+/// HMAC-SHA256(key, "ringfault/2 source" || encoded Hello body || challenge
 /// nonce || session).
 pub fn source_mac(key: &PresharedKey, hello: &Hello, nonce_s: &Nonce, session: &SessionId) -> Mac {
     key.tag(SOURCE_LABEL, &[&hello.encode_body(), nonce_s, session])
@@ -132,7 +132,7 @@ pub fn source_mac(key: &PresharedKey, hello: &Hello, nonce_s: &Nonce, session: &
         .into()
 }
 
-/// HMAC-SHA256(key, "ringfault/1 destination" || encoded Hello body ||
+/// HMAC-SHA256(key, "ringfault/2 destination" || encoded Hello body ||
 /// encoded Challenge body).
 pub fn destination_mac(key: &PresharedKey, hello: &Hello, challenge: &Challenge) -> Mac {
     key.tag(

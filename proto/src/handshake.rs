@@ -13,7 +13,7 @@ use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
 
 use crate::error::DecodeError;
 use crate::layout::{Layout, RegionWire};
-use crate::seal::Protection;
+use crate::seal::{Cipher, Protection};
 use crate::{
     CHALLENGE_BODY_LEN, HELLO_BODY_LEN, MAGIC, MAX_CHANNELS, MAX_REGIONS, PROOF_BODY_LEN,
     REGION_DESC_LEN, VERSION, WELCOME_HEADER_LEN,
@@ -165,7 +165,8 @@ struct HelloWire {
     resume: u8,
     protection: u8,
     lane_flags: u8,
-    reserved: [u8; 5],
+    cipher: u8,
+    reserved: [u8; 4],
     nonce: Nonce,
 }
 
@@ -197,6 +198,8 @@ pub struct Hello {
     pub resume: bool,
     /// How frames after the handshake are protected.
     pub protection: Protection,
+    /// The AEAD of that protection (0 under [`Protection::None`]).
+    pub cipher: Cipher,
     /// Per-lane options ([`LANE_ALIGN_PAYLOAD`]).
     pub lane_flags: u8,
     /// Destination nonce.
@@ -218,7 +221,8 @@ impl Hello {
             resume: u8::from(self.resume),
             protection: self.protection.to_wire(),
             lane_flags: self.lane_flags,
-            reserved: [0; 5],
+            cipher: self.cipher.to_wire(),
+            reserved: [0; 4],
             nonce: self.nonce,
         };
         let mut out = [0u8; HELLO_BODY_LEN];
@@ -262,12 +266,18 @@ impl Hello {
             }
         };
         let protection = Protection::from_wire(w.protection, "hello.protection")?;
+        let cipher = Cipher::from_wire(w.cipher, "hello.cipher")?;
+        if protection == Protection::None && cipher != Cipher::default() {
+            return Err(DecodeError::ReservedNonzero {
+                field: "hello.cipher (protection none)",
+            });
+        }
         if w.lane_flags & !LANE_ALIGN_PAYLOAD != 0 {
             return Err(DecodeError::ReservedNonzero {
                 field: "hello.lane_flags",
             });
         }
-        if w.reserved != [0; 5] {
+        if w.reserved != [0; 4] {
             return Err(DecodeError::ReservedNonzero {
                 field: "hello.reserved",
             });
@@ -282,6 +292,7 @@ impl Hello {
             session: w.session,
             resume,
             protection,
+            cipher,
             lane_flags: w.lane_flags,
             nonce: w.nonce,
         })
@@ -295,7 +306,8 @@ struct ChallengeWire {
     version: U16,
     role: u8,
     protection: u8,
-    reserved: [u8; 4],
+    cipher: u8,
+    reserved: [u8; 3],
     capabilities: U64,
     session: SessionId,
     nonce: Nonce,
@@ -319,6 +331,8 @@ pub struct Challenge {
     /// Echo of `Hello::protection`: a source whose policy refuses it answers
     /// with an `Error` instead.
     pub protection: Protection,
+    /// Echo of `Hello::cipher`.
+    pub cipher: Cipher,
     /// Source nonce.
     pub nonce: Nonce,
     /// [`crate::auth::source_mac`].
@@ -333,7 +347,8 @@ impl Challenge {
             version: U16::new(self.version),
             role: self.role as u8,
             protection: self.protection.to_wire(),
-            reserved: [0; 4],
+            cipher: self.cipher.to_wire(),
+            reserved: [0; 3],
             capabilities: U64::new(self.capabilities.0),
             session: self.session,
             nonce: self.nonce,
@@ -361,7 +376,8 @@ impl Challenge {
             });
         }
         let protection = Protection::from_wire(w.protection, "challenge.protection")?;
-        if w.reserved != [0; 4] {
+        let cipher = Cipher::from_wire(w.cipher, "challenge.cipher")?;
+        if w.reserved != [0; 3] {
             return Err(DecodeError::ReservedNonzero {
                 field: "challenge.reserved",
             });
@@ -372,6 +388,7 @@ impl Challenge {
             capabilities: Capabilities(w.capabilities.get()),
             session: w.session,
             protection,
+            cipher,
             nonce: w.nonce,
             mac: w.mac,
         })

@@ -90,7 +90,7 @@ pub use layout::{Layout, PageSize, RegionDesc};
 pub use message::{decode_frame, Message};
 pub use pages::{encode_pages_head, PageKind, PagesHeader};
 pub use rle::{encode_rle_chunks, RleChunk};
-pub use seal::{Opener, Protection, SealError, Sealer, TAG_LEN};
+pub use seal::{Cipher, Opener, Protection, SealError, Sealer, TAG_LEN};
 
 /// `b"RINGFLT1"` read as a little-endian `u64`; first field of `Hello` and
 /// `Challenge`.

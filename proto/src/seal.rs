@@ -18,6 +18,12 @@
 //!   clear: page numbers and sizes are visible on the path, contents are not.
 //! * [`Protection::None`] (`--integrity none`): no tag.
 //!
+//! The AEAD is AES-256-GCM, or ChaCha20-Poly1305 ([`Cipher`]) where the CPU
+//! has no AES and carry-less multiply instructions: the same constructions,
+//! nonces and tag length with the other algorithm (under `Mac`, the tag is
+//! then Poly1305's over the payload as associated data). The destination
+//! proposes the cipher in its `Hello`; both MACs of the handshake cover it.
+//!
 //! Because the sequence number is in the nonce, a frame that is injected,
 //! altered, dropped, replayed or moved fails the next tag check; keys
 //! differ per connection and direction, so a frame cannot be replayed on
@@ -29,7 +35,9 @@
 //! * Under `Aead`, a payload that failed the check may have been partly
 //!   decrypted in place: never use it.
 
-use aws_lc_rs::aead::{Aad, LessSafeKey, Nonce as GcmNonce, UnboundKey, AES_256_GCM};
+use aws_lc_rs::aead::{
+    Aad, LessSafeKey, Nonce as GcmNonce, UnboundKey, AES_256_GCM, CHACHA20_POLY1305,
+};
 
 use crate::error::DecodeError;
 
@@ -87,6 +95,76 @@ impl Protection {
     }
 }
 
+/// The AEAD behind [`Protection::Mac`] and [`Protection::Aead`]; `u8` on the
+/// wire (`Hello::cipher`, echoed in the `Challenge`).
+#[repr(u8)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum Cipher {
+    /// AES-256-GCM: the fastest where the CPU has AES and carry-less
+    /// multiply instructions (x86-64 AES-NI and PCLMULQDQ, arm64 AES and
+    /// PMULL).
+    #[default]
+    Aes256Gcm = 0,
+    /// ChaCha20-Poly1305: constant time and fast in software, for CPUs
+    /// without them.
+    ChaCha20Poly1305 = 1,
+}
+
+impl Cipher {
+    /// Decodes a wire value.
+    pub fn from_wire(v: u8, field: &'static str) -> Result<Cipher, DecodeError> {
+        match v {
+            0 => Ok(Cipher::Aes256Gcm),
+            1 => Ok(Cipher::ChaCha20Poly1305),
+            _ => Err(DecodeError::BadEnum {
+                field,
+                value: u64::from(v),
+            }),
+        }
+    }
+
+    /// The wire value.
+    pub const fn to_wire(self) -> u8 {
+        self as u8
+    }
+
+    /// The name operators use (`--cipher`, reports).
+    pub const fn name(self) -> &'static str {
+        match self {
+            Cipher::Aes256Gcm => "aes-256-gcm",
+            Cipher::ChaCha20Poly1305 => "chacha20-poly1305",
+        }
+    }
+
+    /// The cipher for this CPU: AES-256-GCM where it has AES and carry-less
+    /// multiply instructions, ChaCha20-Poly1305 elsewhere.
+    pub fn for_this_cpu() -> Cipher {
+        if Cipher::aes_in_hardware() {
+            Cipher::Aes256Gcm
+        } else {
+            Cipher::ChaCha20Poly1305
+        }
+    }
+
+    /// Whether this CPU runs AES-GCM in hardware.
+    pub fn aes_in_hardware() -> bool {
+        #[cfg(target_arch = "x86_64")]
+        {
+            std::arch::is_x86_feature_detected!("aes")
+                && std::arch::is_x86_feature_detected!("pclmulqdq")
+        }
+        #[cfg(target_arch = "aarch64")]
+        {
+            std::arch::is_aarch64_feature_detected!("aes")
+                && std::arch::is_aarch64_feature_detected!("pmull")
+        }
+        #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
+        {
+            false
+        }
+    }
+}
+
 /// A tag check failed, or the sequence numbers ran out.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum SealError {
@@ -120,8 +198,12 @@ struct Keyed {
 }
 
 impl Keyed {
-    fn new(key: &[u8; 32]) -> Result<Keyed, SealError> {
-        let unbound = UnboundKey::new(&AES_256_GCM, key).map_err(|_| SealError::Key)?;
+    fn new(cipher: Cipher, key: &[u8; 32]) -> Result<Keyed, SealError> {
+        let alg = match cipher {
+            Cipher::Aes256Gcm => &AES_256_GCM,
+            Cipher::ChaCha20Poly1305 => &CHACHA20_POLY1305,
+        };
+        let unbound = UnboundKey::new(alg, key).map_err(|_| SealError::Key)?;
         Ok(Keyed {
             key: LessSafeKey::new(unbound),
             scratch: Vec::with_capacity(256),
@@ -165,11 +247,21 @@ impl core::fmt::Debug for Sealer {
 }
 
 impl Sealer {
-    /// A sealer for `mode` under `key` (ignored for [`Protection::None`]).
+    /// A sealer for `mode` under `key` (ignored for [`Protection::None`]),
+    /// with AES-256-GCM.
     pub fn new(mode: Protection, key: &[u8; 32]) -> Result<Sealer, SealError> {
+        Sealer::with_cipher(mode, Cipher::Aes256Gcm, key)
+    }
+
+    /// A sealer for `mode` with `cipher` under `key`.
+    pub fn with_cipher(
+        mode: Protection,
+        cipher: Cipher,
+        key: &[u8; 32],
+    ) -> Result<Sealer, SealError> {
         let keyed = match mode {
             Protection::None => None,
-            _ => Some(Keyed::new(key)?),
+            _ => Some(Keyed::new(cipher, key)?),
         };
         Ok(Sealer {
             mode,
@@ -286,11 +378,21 @@ impl core::fmt::Debug for Opener {
 }
 
 impl Opener {
-    /// An opener for `mode` under `key` (ignored for [`Protection::None`]).
+    /// An opener for `mode` under `key` (ignored for [`Protection::None`]),
+    /// with AES-256-GCM.
     pub fn new(mode: Protection, key: &[u8; 32]) -> Result<Opener, SealError> {
+        Opener::with_cipher(mode, Cipher::Aes256Gcm, key)
+    }
+
+    /// An opener for `mode` with `cipher` under `key`.
+    pub fn with_cipher(
+        mode: Protection,
+        cipher: Cipher,
+        key: &[u8; 32],
+    ) -> Result<Opener, SealError> {
         let keyed = match mode {
             Protection::None => None,
-            _ => Some(Keyed::new(key)?),
+            _ => Some(Keyed::new(cipher, key)?),
         };
         Ok(Opener {
             mode,
@@ -358,6 +460,48 @@ mod tests {
             Sealer::new(mode, &[7; 32]).unwrap(),
             Opener::new(mode, &[7; 32]).unwrap(),
         )
+    }
+
+    /// ChaCha20-Poly1305 in both modes: round trip, a flipped bit and a
+    /// replay fail, the payload is hidden under `Aead`, and a frame sealed
+    /// with one cipher never opens under the other (same key).
+    #[test]
+    fn tamper_chacha20_poly1305_round_trip_and_rejections() {
+        let c = Cipher::ChaCha20Poly1305;
+        let head = b"header and body".to_vec();
+        let payload = vec![0xab; 8192];
+        let mut s = Sealer::with_cipher(Protection::Mac, c, &[7; 32]).unwrap();
+        let tag = s.seal(&head, &payload).unwrap().unwrap();
+        let mut buf = payload.clone();
+        buf.extend_from_slice(&tag);
+        let mut aes = Opener::new(Protection::Mac, &[7; 32]).unwrap();
+        assert_eq!(
+            aes.open(&head, &mut buf.clone()),
+            Err(SealError::BadTag { seq: 0 })
+        );
+        let mut bad = buf.clone();
+        bad[100] ^= 1;
+        let mut o = Opener::with_cipher(Protection::Mac, c, &[7; 32]).unwrap();
+        assert_eq!(o.open(&head, &mut bad), Err(SealError::BadTag { seq: 0 }));
+        o.open(&head, &mut buf.clone()).unwrap();
+        assert_eq!(o.open(&head, &mut buf), Err(SealError::BadTag { seq: 1 }));
+
+        let mut s = Sealer::with_cipher(Protection::Aead, c, &[7; 32]).unwrap();
+        let mut o = Opener::with_cipher(Protection::Aead, c, &[7; 32]).unwrap();
+        let mut ct = vec![0u8; payload.len()];
+        let tag = s.seal_encrypt(&head, &payload, &mut ct).unwrap().unwrap();
+        assert_ne!(ct, payload);
+        ct.extend_from_slice(&tag);
+        o.open(&head, &mut ct).unwrap();
+        assert_eq!(&ct[..payload.len()], &payload[..]);
+    }
+
+    #[test]
+    fn cipher_wire_values_round_trip() {
+        for c in [Cipher::Aes256Gcm, Cipher::ChaCha20Poly1305] {
+            assert_eq!(Cipher::from_wire(c.to_wire(), "c"), Ok(c));
+        }
+        assert!(Cipher::from_wire(2, "c").is_err());
     }
 
     #[test]

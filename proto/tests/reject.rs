@@ -1094,6 +1094,79 @@ fn hello_and_challenge_bad_protection() {
 }
 
 #[test]
+fn hello_and_challenge_cipher() {
+    let h = Message::Hello(hello());
+    let k = key(b"0123456789abcdef");
+    let c = Message::Challenge(challenge(&k, &hello()));
+    for bad in [2u8, 0x80, 0xff] {
+        assert_eq!(
+            mutate(h.clone(), |b| b[43] = bad),
+            Err(DecodeError::BadEnum {
+                field: "hello.cipher",
+                value: u64::from(bad)
+            })
+        );
+        assert_eq!(
+            mutate(c.clone(), |b| b[12] = bad),
+            Err(DecodeError::BadEnum {
+                field: "challenge.cipher",
+                value: u64::from(bad)
+            })
+        );
+    }
+    for cipher in [Cipher::Aes256Gcm, Cipher::ChaCha20Poly1305] {
+        let Ok(Message::Hello(got)) = mutate(h.clone(), |b| b[43] = cipher.to_wire()) else {
+            panic!("{cipher:?}")
+        };
+        assert_eq!(got.cipher, cipher);
+        let Ok(Message::Challenge(got)) = mutate(c.clone(), |b| b[12] = cipher.to_wire()) else {
+            panic!("{cipher:?}")
+        };
+        assert_eq!(got.cipher, cipher);
+    }
+    // Without protection there is no cipher to name.
+    let none = Message::Hello(Hello {
+        protection: Protection::None,
+        ..hello()
+    });
+    assert!(matches!(
+        mutate(none, |b| b[43] = Cipher::ChaCha20Poly1305.to_wire()),
+        Err(DecodeError::ReservedNonzero { .. })
+    ));
+}
+
+#[test]
+fn handshake_binds_cipher() {
+    // A path that swaps the cipher breaks both tags and changes the keys.
+    let k = key(b"correct horse battery staple");
+    let h = hello();
+    let c = challenge(&k, &h);
+    let swapped = Hello {
+        cipher: Cipher::ChaCha20Poly1305,
+        ..h
+    };
+    assert_eq!(
+        auth::verify_source(&k, &swapped, &c),
+        Err(AuthError::WrongKey)
+    );
+    let p = Proof {
+        mac: auth::destination_mac(&k, &h, &c),
+    };
+    let c_swapped = Challenge {
+        cipher: Cipher::ChaCha20Poly1305,
+        ..c
+    };
+    assert_eq!(
+        auth::verify_destination(&k, &h, &c_swapped, &p),
+        Err(AuthError::WrongKey)
+    );
+    assert_ne!(
+        auth::derive_keys(&k, &h, &c, &p),
+        auth::derive_keys(&k, &swapped, &c_swapped, &p)
+    );
+}
+
+#[test]
 fn hello_unknown_lane_flags() {
     let h = Message::Hello(hello());
     for flags in [2u8, 0x80, 0xff, LANE_ALIGN_PAYLOAD | 4] {
@@ -1116,7 +1189,7 @@ fn hello_unknown_lane_flags() {
 fn challenge_reserved() {
     let k = key(b"0123456789abcdef");
     let c = Message::Challenge(challenge(&k, &hello()));
-    for i in 12..16 {
+    for i in 13..16 {
         assert_eq!(
             mutate(c.clone(), |b| b[i] = 1),
             Err(DecodeError::ReservedNonzero {

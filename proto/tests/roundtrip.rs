@@ -80,13 +80,17 @@ proptest! {
         c in arb_challenge(),
         protection in arb_protection(),
     ) {
-        let h = Hello { protection, ..h };
+        // No cipher without protection.
+        let cipher = if protection == Protection::None { Cipher::default() } else { h.cipher };
+        let h = Hello { protection, cipher, ..h };
         let c = Challenge { protection, ..c };
         assert_round_trip(&Message::Hello(h));
         assert_round_trip(&Message::Challenge(c));
-        // The mode is in the MAC input: the peer's tag binds it.
+        // The mode and cipher are in the MAC input: the peer's tag binds them.
         prop_assert_eq!(h.encode_body()[41], protection.to_wire());
+        prop_assert_eq!(h.encode_body()[43], cipher.to_wire());
         prop_assert_eq!(c.encode_body()[11], protection.to_wire());
+        prop_assert_eq!(c.encode_body()[12], c.cipher.to_wire());
     }
 
     #[test]

@@ -36,7 +36,7 @@ pub enum Handover {
 pub struct FakeVmm {
     memory: GuestMemory,
     /// Firecracker keeps its userfaultfd open for the life of the VM.
-    _uffd: Uffd,
+    uffd: Uffd,
     /// Firecracker keeps the socket open too; closing it tells the handler to go.
     stream: Option<UnixStream>,
 }
@@ -96,7 +96,7 @@ impl FakeVmm {
         assert_eq!(sent, json.len(), "one sendmsg carries the whole message");
         FakeVmm {
             memory,
-            _uffd: uffd,
+            uffd,
             stream: Some(stream),
         }
     }
@@ -157,6 +157,17 @@ impl FakeVmm {
                 .flat_map(|h| h.join().unwrap_or_else(|_| vec!["a vCPU panicked".into()]))
                 .collect()
         })
+    }
+
+    /// Gives up on the handler: unregisters every region from the
+    /// userfaultfd and wakes every thread blocked in a fault on it, so that
+    /// a test whose handler died fails (a page that never came reads as
+    /// zeros) instead of waiting for good.
+    pub fn abandon(&self) {
+        for r in self.regions() {
+            let _ = self.uffd.unregister(r.addr(), r.len());
+            let _ = self.uffd.wake(r.addr(), r.len());
+        }
     }
 
     /// Firecracker exits: its end of the socket closes.

@@ -57,6 +57,34 @@ pub enum Integrity {
     None,
 }
 
+/// The AEAD of frame protection, chosen by the destination.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize,
+)]
+#[serde(rename_all = "kebab-case")]
+pub enum CipherChoice {
+    /// AES-256-GCM where the CPU has AES and carry-less multiply
+    /// instructions, ChaCha20-Poly1305 elsewhere.
+    Auto,
+    /// AES-256-GCM.
+    #[value(name = "aes-256-gcm")]
+    Aes256Gcm,
+    /// ChaCha20-Poly1305.
+    #[value(name = "chacha20-poly1305")]
+    Chacha20Poly1305,
+}
+
+impl CipherChoice {
+    /// The cipher this choice means here.
+    pub fn cipher(self) -> ringfault_engine::Cipher {
+        match self {
+            CipherChoice::Auto => ringfault_engine::Cipher::for_this_cpu(),
+            CipherChoice::Aes256Gcm => ringfault_engine::Cipher::Aes256Gcm,
+            CipherChoice::Chacha20Poly1305 => ringfault_engine::Cipher::ChaCha20Poly1305,
+        }
+    }
+}
+
 /// How many pre-copy rounds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -98,7 +126,8 @@ pub struct EngineOptions {
     /// turns that off, and must be set on both ends.
     #[arg(long, value_enum, default_value = "mac")]
     pub integrity: Integrity,
-    /// Encrypt page contents too (AES-256-GCM); both ends must set it.
+    /// Encrypt page contents too (with the cipher of `--cipher`); both ends
+    /// must set it.
     #[arg(long)]
     pub encrypt: bool,
     /// Declare a lane dead after this long without a byte from the peer.
@@ -199,6 +228,12 @@ pub struct DestOptions {
     /// Demand requests allowed back to back before pacing applies.
     #[arg(long, default_value_t = 64)]
     pub demand_burst: u32,
+    /// The AEAD behind frame tags and `--encrypt`, which the destination
+    /// chooses (the source accepts either): `auto` takes AES-256-GCM where
+    /// the CPU has AES and carry-less multiply instructions,
+    /// ChaCha20-Poly1305 elsewhere.
+    #[arg(long, value_enum, default_value = "auto")]
+    pub cipher: CipherChoice,
     /// Options of both ends.
     #[command(flatten)]
     pub engine: EngineOptions,
@@ -216,6 +251,7 @@ impl DestOptions {
         cfg.prefetch_after = self.prefetch;
         cfg.prefetch_before = self.prefetch_before;
         cfg.protection = self.engine.protection()?;
+        cfg.cipher = self.cipher.cipher();
         cfg.liveness = self.engine.liveness;
         cfg.resume_timeout = self.engine.resume_timeout;
         cfg.host_first_bulk = self.host_bulk;

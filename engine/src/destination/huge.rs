@@ -5,8 +5,8 @@
 //! the source would run on 4 KiB pages afterwards (QEMU's post-copy loses
 //! them this way). The destination therefore collapses each 2 MiB range of a
 //! THP region back into one huge page (`MADV_COLLAPSE`, Linux 6.1) once every
-//! page of it was installed, in a background thread of the lowest priority,
-//! off the demand path:
+//! page of it was installed, in a background thread at batch priority, off
+//! the demand path:
 //! - the installer reports each 2 MiB range it has just completed
 //!   ([`HugeKeeper::installed`]: a few bitmap words per install, no system
 //!   call);
@@ -61,7 +61,7 @@ pub struct HugeStats {
 }
 
 /// Reports completed 2 MiB ranges to the keeper thread, which collapses them
-/// in a lowest-share thread.
+/// in a `SCHED_BATCH` thread.
 #[derive(Debug)]
 pub struct HugeKeeper {
     tx: SyncSender<(usize, usize)>,

@@ -140,19 +140,12 @@ impl Inbound {
                     Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) => {}
                     Err(e) if e.raw_os_error() == Some(libc::ECANCELED) => self.eof = true,
                     Err(e) => {
-                        let kind = e.kind();
-                        if matches!(
-                            kind,
-                            std::io::ErrorKind::ConnectionReset
-                                | std::io::ErrorKind::ConnectionAborted
-                                | std::io::ErrorKind::TimedOut
-                        ) || e.raw_os_error() == Some(libc::ETIMEDOUT)
-                        {
+                        if crate::error::link_lost(e) {
                             return Err(EngineError::ConnectionLost { lane: self.lane });
                         }
                         return Err(EngineError::io(
                             format!("receiving on the {}", self.lane),
-                            e.kind().into(),
+                            crate::error::copy_io(e),
                         ));
                     }
                 }

@@ -82,6 +82,10 @@ pub struct DestinationConfig {
     pub key: PresharedKey,
     /// Frame protection (both ends must agree).
     pub protection: Protection,
+    /// The AEAD of that protection, which the destination chooses (the
+    /// source accepts either): by default the faster one on this CPU
+    /// ([`crate::Cipher::for_this_cpu`]).
+    pub cipher: crate::Cipher,
     /// Bulk connections. At least 1.
     pub bulk_channels: u16,
     /// COPY or MOVE.
@@ -124,6 +128,7 @@ impl DestinationConfig {
         DestinationConfig {
             key,
             protection: Protection::Mac,
+            cipher: crate::Cipher::for_this_cpu(),
             bulk_channels: 1,
             install: InstallMode::Copy,
             prefetch_before: 0,
@@ -282,6 +287,7 @@ impl Destination {
             key: cfg.key.clone(),
             session,
             protection: cfg.protection,
+            cipher: cfg.cipher,
             bulk_channels: cfg.bulk_channels,
             moving: cfg.install == InstallMode::Move,
             connect_patience: cfg.connect_patience,
@@ -460,6 +466,9 @@ impl Destination {
                     channels,
                 );
                 r.protection = cfg.protection.name().into();
+                if cfg.protection != Protection::None {
+                    r.cipher = cfg.cipher.name().into();
+                }
                 r.resumes = source.resumes;
                 r.metadata_bytes = inst.present.allocated_bytes();
                 r.source_digests = source.take_digests();

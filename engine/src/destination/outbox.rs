@@ -125,20 +125,12 @@ impl Outbox {
         self.spare = buf;
         match result {
             Ok(_) => Ok(()),
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    std::io::ErrorKind::BrokenPipe
-                        | std::io::ErrorKind::ConnectionReset
-                        | std::io::ErrorKind::ConnectionAborted
-                        | std::io::ErrorKind::TimedOut
-                ) || e.raw_os_error() == Some(libc::ETIMEDOUT) =>
-            {
+            Err(e) if crate::error::link_lost(e) => {
                 Err(EngineError::ConnectionLost { lane: self.lane })
             }
             Err(e) => Err(EngineError::io(
                 format!("sending on the {}", self.lane),
-                std::io::Error::new(e.kind(), e.to_string()),
+                crate::error::copy_io(e),
             )),
         }
     }

@@ -63,6 +63,8 @@ pub struct Link {
     pub session: SessionId,
     /// Frame protection.
     pub protection: Protection,
+    /// Its AEAD.
+    pub cipher: ringfault_proto::Cipher,
     /// Bulk lanes.
     pub bulk_channels: u16,
     /// Move pages out of private receive rings instead of copying them.
@@ -125,6 +127,7 @@ impl Link {
             self.session,
             resume,
             self.protection,
+            self.cipher,
             if self.verify {
                 our_capabilities()
             } else {
@@ -597,6 +600,7 @@ impl RemotePages {
         self.gen += 1;
         let chunks = snapshot(&self.inst);
         let link = self.link.clone();
+        let layout = self.layout.clone();
         let liveness = self.cfg.liveness;
         let deadline = Instant::now() + self.cfg.resume_timeout;
         let (tx, rx) = mpsc::channel();
@@ -604,7 +608,7 @@ impl RemotePages {
         std::thread::Builder::new()
             .name("rf-resume".into())
             .spawn(move || {
-                let r = reconnect(&link, chunks, deadline, liveness);
+                let r = reconnect(&link, &layout, chunks, deadline, liveness);
                 let _ = tx.send(r);
                 notifier_inst.notifier.notify();
             })
@@ -860,9 +864,11 @@ fn snapshot(inst: &Installer) -> Vec<ringfault_proto::RleChunk> {
 }
 
 /// Dials the source again until `deadline`: demand lane with the present
-/// bitmap, then the bulk lanes.
+/// bitmap, then the bulk lanes. The source must announce the layout the
+/// session began with: guest memory is already laid out by it.
 fn reconnect(
     link: &Link,
+    expected: &Layout,
     chunks: Vec<ringfault_proto::RleChunk>,
     deadline: Instant,
     liveness: Duration,
@@ -873,7 +879,11 @@ fn reconnect(
         let attempt = (|| -> Result<Resumed, EngineError> {
             let (mut demand, layout) =
                 link.open(Lane::Demand, 0, true, Duration::from_millis(500), liveness)?;
-            let _ = layout;
+            if layout != *expected {
+                return Err(EngineError::LayoutMismatch(
+                    "the source announced another layout on resuming than at the start".into(),
+                ));
+            }
             for c in &chunks {
                 demand.send(&Message::PresentBitmap(c.clone()))?;
             }
@@ -897,8 +907,13 @@ fn reconnect(
                 .map_err(|e| EngineError::io("clearing a timeout", e))?;
             let mut bulk = Vec::new();
             for ch in 1..=link.bulk_channels {
-                let (b, _) =
+                let (b, l) =
                     link.open(Lane::Bulk, ch, true, Duration::from_millis(500), liveness)?;
+                if l != *expected {
+                    return Err(EngineError::LayoutMismatch(format!(
+                        "bulk lane {ch} announced another layout on resuming than at the start"
+                    )));
+                }
                 bulk.push(b);
             }
             Ok(Resumed { demand, bulk })

@@ -215,15 +215,11 @@ fn serve(
                         if sess.stale(epoch) {
                             return Ok(End::Superseded);
                         }
-                        return Err(
-                            if e.kind() == std::io::ErrorKind::BrokenPipe
-                                || e.kind() == std::io::ErrorKind::ConnectionReset
-                            {
-                                EngineError::ConnectionLost { lane }
-                            } else {
-                                EngineError::io(format!("answering on the {lane}"), e)
-                            },
-                        );
+                        return Err(if crate::error::link_lost(&e) {
+                            EngineError::ConnectionLost { lane }
+                        } else {
+                            EngineError::io(format!("answering on the {lane}"), e)
+                        });
                     }
                 }
                 ev => {

@@ -213,11 +213,10 @@ pub fn run(sess: &Session<'_>, link: Framed, epoch: u32, align: bool) -> Result<
                 if sess.stale(epoch) || sess.phase() == Phase::Released {
                     return Ok(());
                 }
-                return Err(match e.kind() {
-                    std::io::ErrorKind::BrokenPipe
-                    | std::io::ErrorKind::ConnectionReset
-                    | std::io::ErrorKind::TimedOut => EngineError::ConnectionLost { lane },
-                    _ => EngineError::io(format!("sending on the {lane}"), e),
+                return Err(if crate::error::link_lost(&e) {
+                    EngineError::ConnectionLost { lane }
+                } else {
+                    EngineError::io(format!("sending on the {lane}"), e)
                 });
             }
         }

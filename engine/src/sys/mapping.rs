@@ -57,7 +57,7 @@
 //! * A [`Mirror`] is shared memory: `UFFDIO_MOVE` refuses it as a source.
 //! * Reading a file mapping past the end of a file that shrank raises
 //!   `SIGBUS`: the engine never reads file mappings in user space (file
-//!   sources use `pread`, `crate::sys::file`).
+//!   sources use `pread`: `source::frames`, `destination::file`).
 
 use std::io;
 use std::ptr::{self, NonNull};
@@ -522,7 +522,7 @@ pub struct Mirror {
 }
 
 // SAFETY: a Mirror owns its two mappings like a Box<[u8]>; all access goes
-// through raw pointers handed to its owner (`sys::recvring`), which enforces
+// through raw pointers handed to its owner (`sys::bufring`), which enforces
 // who reads and writes which bytes.
 unsafe impl Send for Mirror {}
 

@@ -37,7 +37,7 @@
 //!   the loops here drain every turn.
 //! * Several receives in flight on one stream socket may complete out of
 //!   order; the engine therefore receives with one multishot request per
-//!   socket, into a provided-buffer ring (`sys::recvring`).
+//!   socket, into a provided-buffer ring (`sys::bufring`).
 
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd};

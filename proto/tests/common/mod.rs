@@ -52,6 +52,7 @@ pub fn hello() -> Hello {
         session: [0x5a; 16],
         resume: false,
         protection: Protection::Mac,
+        cipher: Cipher::Aes256Gcm,
         lane_flags: LANE_ALIGN_PAYLOAD,
         nonce: [0x11; 32],
     }
@@ -65,6 +66,7 @@ pub fn challenge(key: &auth::PresharedKey, hello: &Hello) -> Challenge {
         capabilities: hello.capabilities.intersect(Capabilities(u64::MAX)),
         session: hello.session,
         protection: hello.protection,
+        cipher: hello.cipher,
         nonce,
         mac: auth::source_mac(key, hello, &nonce, &hello.session),
     }
@@ -114,7 +116,7 @@ pub fn arb_hello() -> impl Strategy<Value = Hello> {
         any::<u64>(),
         any::<[u8; 16]>(),
         any::<bool>(),
-        arb_protection(),
+        (arb_protection(), any::<bool>()),
         prop_oneof![Just(0u8), Just(LANE_ALIGN_PAYLOAD)],
         any::<[u8; 32]>(),
     )
@@ -125,7 +127,7 @@ pub fn arb_hello() -> impl Strategy<Value = Hello> {
                 caps,
                 session,
                 resume,
-                protection,
+                (protection, chacha),
                 lane_flags,
                 nonce,
             )| Hello {
@@ -138,6 +140,11 @@ pub fn arb_hello() -> impl Strategy<Value = Hello> {
                 session,
                 resume,
                 protection,
+                cipher: if chacha && protection != Protection::None {
+                    Cipher::ChaCha20Poly1305
+                } else {
+                    Cipher::Aes256Gcm
+                },
                 lane_flags,
                 nonce,
             },
@@ -148,19 +155,26 @@ pub fn arb_challenge() -> impl Strategy<Value = Challenge> {
     (
         any::<u64>(),
         any::<[u8; 16]>(),
-        arb_protection(),
+        (arb_protection(), any::<bool>()),
         any::<[u8; 32]>(),
         any::<[u8; 32]>(),
     )
-        .prop_map(|(caps, session, protection, nonce, mac)| Challenge {
-            version: VERSION,
-            role: Role::Source,
-            capabilities: Capabilities(caps),
-            session,
-            protection,
-            nonce,
-            mac,
-        })
+        .prop_map(
+            |(caps, session, (protection, chacha), nonce, mac)| Challenge {
+                version: VERSION,
+                role: Role::Source,
+                capabilities: Capabilities(caps),
+                session,
+                protection,
+                cipher: if chacha {
+                    Cipher::ChaCha20Poly1305
+                } else {
+                    Cipher::Aes256Gcm
+                },
+                nonce,
+                mac,
+            },
+        )
 }
 
 pub fn arb_page_kind() -> impl Strategy<Value = PageKind> {

@@ -189,6 +189,7 @@ fn ringfault_destination(spec: &Spec) -> anyhow::Result<()> {
             .map(|c| c.recv_in_flight_min)
             .min(),
         protection: report.protection.clone(),
+        cipher: report.cipher.clone(),
         metadata_bytes: report.metadata_bytes,
         anon_huge_bytes,
     })));

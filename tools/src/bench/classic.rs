@@ -316,6 +316,7 @@ pub fn destination(spec: &Spec) -> anyhow::Result<()> {
         stages: None,
         recv_in_flight_min: None,
         protection: "none".into(),
+        cipher: String::new(),
         metadata_bytes: 0,
         anon_huge_bytes,
     })));

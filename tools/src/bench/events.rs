@@ -242,6 +242,9 @@ pub struct DestDone {
     /// Frame protection (`none` for classic).
     #[serde(default)]
     pub protection: String,
+    /// Its AEAD (empty under `none`).
+    #[serde(default)]
+    pub cipher: String,
     /// Bytes of page-state metadata on the destination.
     #[serde(default)]
     pub metadata_bytes: u64,

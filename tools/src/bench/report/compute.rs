@@ -233,6 +233,7 @@ impl RunResult {
             }),
             recv_in_flight_min: d.recv_in_flight_min,
             protection: d.protection.clone(),
+            cipher: d.cipher.clone(),
             metadata_bytes: d.metadata_bytes,
             precopy,
             huge_pages: HugePages {
@@ -428,6 +429,7 @@ pub(super) mod tests {
             stages: None,
             recv_in_flight_min: None,
             protection: "none".into(),
+            cipher: String::new(),
             metadata_bytes: 0,
             anon_huge_bytes: None,
         }

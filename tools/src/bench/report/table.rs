@@ -75,7 +75,13 @@ impl Report {
                 _ => "not measured".into(),
             },
         );
-        row("frame protection", &|r| r.protection.clone());
+        row("frame protection", &|r| {
+            if r.cipher.is_empty() {
+                r.protection.clone()
+            } else {
+                format!("{} ({})", r.protection, r.cipher)
+            }
+        });
         row("bulk throughput (bytes ÷ transfer time)", &|r| {
             format!("{:.2} GB/s", r.bulk_gbps)
         });
