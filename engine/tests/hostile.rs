@@ -10,14 +10,15 @@ use std::io::Write;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+use ringfault_engine::destination::remote::Link;
 use ringfault_engine::error::LaneId;
 use ringfault_engine::handshake::source_handshake;
 use ringfault_engine::wire::{seal_control, Framed};
-use ringfault_engine::{Destination, DestinationConfig, EngineError, PeerAddr, Protection};
+use ringfault_engine::{Cipher, Destination, DestinationConfig, EngineError, PeerAddr, Protection};
 use ringfault_proto::auth::PresharedKey;
 use ringfault_proto::{
-    encode_pages_head, DecodeError, Layout, Message, MsgKind, PageKind, PageSize, PagesHeader,
-    RegionDesc, SealError,
+    encode_pages_head, Complete, DecodeError, DemandEntry, DemandRequest, Lane, Layout, Message,
+    MsgKind, PageKind, PageSize, PagesHeader, RegionDesc, SealError,
 };
 use ringfault_testkit::{
     error_chain, serial, source_child_main, SourceChild, VmSpec, KEY_A, MIB, PAGE,
@@ -360,4 +361,206 @@ fn resume_with_another_layout_is_refused() {
     let _ = done_tx.send(());
     h.join()
         .unwrap_or_else(|_| panic!("the hostile source panicked"));
+}
+
+/// A destination that sends `Complete` and, in the same write, a `Demand`
+/// (which the source refuses after `Complete`). The source must answer with
+/// its `CompleteAck` and then the `Error` naming the violation, in that order
+/// and each under a valid tag. The `Error` once overtook the queued
+/// `CompleteAck` (it was written to the socket at once, with the next
+/// sequence number), and a real destination, whose pacing had held a fault
+/// back until after `Complete`, reported a failed integrity check instead of
+/// the source's reason.
+#[test]
+fn a_demand_after_complete_is_refused_with_its_reason_in_order() {
+    let _g = serial();
+    let spec = VmSpec::dense(4 * MIB, 5);
+    let src = SourceChild::spawn("source_child", &spec, KEY_A);
+    let link = Link {
+        addr: src.addr.clone(),
+        key: key(),
+        session: [7; 16],
+        protection: Protection::Mac,
+        cipher: Cipher::Aes256Gcm,
+        bulk_channels: 1,
+        moving: false,
+        connect_patience: Duration::from_secs(5),
+        verify: false,
+    };
+    let (mut demand, layout) = link
+        .open(
+            Lane::Demand,
+            0,
+            false,
+            Duration::from_secs(5),
+            Duration::from_secs(10),
+        )
+        .unwrap_or_else(|e| panic!("handshake: {}", error_chain(&e)));
+    let mut bytes = Vec::new();
+    for m in [
+        Message::Complete(Complete {
+            pages_present: layout.total_pages(),
+        }),
+        Message::Demand(DemandRequest {
+            request_id: 1,
+            entries: vec![DemandEntry {
+                region: layout.regions[0].id,
+                page: 0,
+                before: 0,
+                after: 0,
+            }],
+        }),
+    ] {
+        let mut frame = m.to_vec();
+        seal_control(&mut demand.sealer, &mut frame, demand.lane)
+            .unwrap_or_else(|e| panic!("seal: {e}"));
+        bytes.extend_from_slice(&frame);
+    }
+    demand
+        .stream
+        .write_all(&bytes)
+        .unwrap_or_else(|e| panic!("write: {e}"));
+    demand
+        .stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap_or_else(|e| panic!("timeout: {e}"));
+    // `recv` opens each frame in sequence and turns an `Error` frame into
+    // `EngineError::Peer`.
+    let mut got = Vec::new();
+    let why = loop {
+        match demand.recv() {
+            Ok(Message::Heartbeat) => {}
+            Ok(m) => got.push(m),
+            Err(e) => break e,
+        }
+    };
+    assert!(
+        matches!(got.as_slice(), [Message::CompleteAck]),
+        "{got:?}, then {why}"
+    );
+    assert!(
+        matches!(&why, EngineError::Peer { message, .. } if message.contains("after Complete")),
+        "after {got:?}: {}",
+        error_chain(&why)
+    );
+    let (ok, line) = src.finish();
+    assert!(!ok, "the source must fail the session: {line}");
+}
+
+/// Demand pacing holds a fault back; the bulk lane then brings every page
+/// and the destination sends `Complete`. The held-back request must be
+/// dropped, not sent when its token comes: the source refuses a `Demand`
+/// after `Complete`, which once failed migrations at their very end.
+#[test]
+fn a_paced_fault_is_not_requested_after_complete() {
+    let _g = serial();
+    let listener = PeerAddr::parse("tcp:127.0.0.1:0")
+        .and_then(|a| a.listen())
+        .unwrap_or_else(|e| panic!("listen: {e}"));
+    let addr = listener
+        .local_addr()
+        .unwrap_or_else(|e| panic!("local address: {e}"));
+    let source = std::thread::spawn(move || -> Result<usize, String> {
+        let mut lanes: Vec<Framed> = (0..2)
+            .map(|_| {
+                let s = listener.accept().map_err(|e| format!("accept: {e}"))?;
+                source_handshake(
+                    s,
+                    &key(),
+                    &layout(),
+                    Protection::Mac,
+                    Duration::from_secs(10),
+                    0,
+                    |_| Ok(()),
+                )
+                .map(|l| l.framed)
+                .map_err(|e| format!("handshake: {}", error_chain(&e)))
+            })
+            .collect::<Result<_, String>>()?;
+        let mut bulk = lanes.pop().ok_or("no bulk lane")?;
+        let mut demand = lanes.pop().ok_or("no demand lane")?;
+        let next = |d: &mut Framed| loop {
+            match d.recv() {
+                Ok(Message::Heartbeat) => {}
+                other => return other.map_err(|e| error_chain(&e)),
+            }
+        };
+        // The first fault's request; the second fault is held back by the
+        // pacer meanwhile. Then every page, on the bulk lane, unasked.
+        match next(&mut demand)? {
+            Message::Demand(_) => {}
+            other => return Err(format!("expected a Demand, got {other:?}")),
+        }
+        std::thread::sleep(Duration::from_millis(100));
+        for first in (0..1024u64).step_by(256) {
+            let h = pages(1, PageKind::Data, first, 256, 256 << 12);
+            let frame = sealed_pages(&mut bulk, &h, &vec![0x5a; 256 * PAGE]);
+            bulk.stream
+                .write_all(&frame)
+                .map_err(|e| format!("bulk write: {e}"))?;
+        }
+        // Everything after Complete, for longer than the pacing interval.
+        let mut late_demands = 0;
+        loop {
+            match next(&mut demand)? {
+                Message::Complete(_) => break,
+                Message::Demand(_) => {}
+                other => return Err(format!("expected Complete, got {other:?}")),
+            }
+        }
+        demand
+            .stream
+            .set_read_timeout(Some(Duration::from_millis(700)))
+            .map_err(|e| format!("timeout: {e}"))?;
+        loop {
+            match demand.recv() {
+                Ok(Message::Demand(_)) => late_demands += 1,
+                Ok(Message::Heartbeat) => {}
+                Ok(other) => return Err(format!("unexpected {other:?} after Complete")),
+                Err(_) => break,
+            }
+        }
+        // A timed-out read leaves the stream where it was: carry on.
+        demand
+            .stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .map_err(|e| format!("timeout: {e}"))?;
+        demand
+            .send(&Message::CompleteAck)
+            .map_err(|e| error_chain(&e))?;
+        match next(&mut demand)? {
+            Message::Release => Ok(late_demands),
+            other => Err(format!("expected Release, got {other:?}")),
+        }
+    });
+    let mut cfg = DestinationConfig::new(key());
+    cfg.demand_interval = Duration::from_millis(300);
+    cfg.demand_burst = 1;
+    let dest =
+        Destination::connect(&addr, cfg).unwrap_or_else(|e| panic!("connect: {}", error_chain(&e)));
+    let mem = dest.memory().unwrap_or_else(|| panic!("own memory"));
+    let vcpus: Vec<_> = [(10usize, 0u64), (20, 50)]
+        .into_iter()
+        .map(|(page, delay_ms)| {
+            let mem = mem.clone();
+            std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_millis(delay_ms));
+                mem.regions()[0].load_u64(page * PAGE)
+            })
+        })
+        .collect();
+    dest.run()
+        .unwrap_or_else(|e| panic!("the migration must complete: {}", error_chain(&e)));
+    for v in vcpus {
+        let got = v
+            .join()
+            .unwrap_or_else(|_| panic!("a vCPU panicked"))
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(got, 0x5a5a_5a5a_5a5a_5a5a);
+    }
+    let late = source
+        .join()
+        .unwrap_or_else(|_| panic!("the source panicked"))
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(late, 0, "the destination requested pages after Complete");
 }

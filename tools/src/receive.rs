@@ -223,7 +223,7 @@ pub struct DestOptions {
     pub host_bulk: bool,
     /// Demand pacing: at most one demand request per this interval on
     /// average, after a burst (0s: none); faults meanwhile join the next.
-    #[arg(long, default_value = "0s", value_parser = crate::bench::units::parse_duration)]
+    #[arg(long, default_value = "1ms", value_parser = crate::bench::units::parse_duration)]
     pub demand_interval: Duration,
     /// Demand requests allowed back to back before pacing applies.
     #[arg(long, default_value_t = 64)]

@@ -115,6 +115,9 @@ pub struct DestinationConfig {
     pub thp: bool,
     /// Demand pacing: on average at most one demand request per this
     /// interval after a burst (zero: none); faults meanwhile join the next.
+    /// 1 ms by default: in a fault storm, fewer and larger requests leave
+    /// the CPU to the bulk transfer and the vCPUs (docs/design.md, "The
+    /// demand economy"); a fault outside a storm still goes out at once.
     pub demand_interval: Duration,
     /// Demand requests allowed back to back before pacing applies.
     pub demand_burst: u32,
@@ -141,7 +144,7 @@ impl DestinationConfig {
             liveness: Duration::from_secs(10),
             resume_timeout: Duration::from_secs(300),
             thp: true,
-            demand_interval: Duration::ZERO,
+            demand_interval: Duration::from_millis(1),
             demand_burst: 64,
             verify: Verify::Off,
         }

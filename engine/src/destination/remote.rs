@@ -732,8 +732,19 @@ impl RemotePages {
         Ok(any)
     }
 
-    /// Sends the queued faults as one request, if the pacer allows.
+    /// Sends the queued faults as one request, if the pacer allows. Faults
+    /// whose pages arrived while they waited for a token are dropped, and
+    /// nothing is sent once `Complete` is: every page is present then, and
+    /// the source refuses a `Demand` after `Complete`.
     fn send_queued(&mut self, now: Instant) -> Result<(), EngineError> {
+        if self.queued.is_empty() {
+            return Ok(());
+        }
+        let present = &self.inst.present;
+        self.queued.retain(|&g| !present.is_set(g));
+        if self.state != State::Running {
+            self.queued.clear();
+        }
         if self.queued.is_empty() || !self.pacer.take(now) {
             return Ok(());
         }

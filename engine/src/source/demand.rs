@@ -355,13 +355,19 @@ fn serve(
                 Err(e) => {
                     if !e.is_link_loss() {
                         // Tell the destination why, best effort, then close.
-                        let mut frame =
-                            Message::Error(ErrorFrame::new(e.code(), e.to_string())).to_vec();
-                        if seal_control(&mut sealer, &mut frame, lane).is_ok() {
-                            if let Ok(mut s) = inbound.sock.try_clone() {
-                                let _ = s.write_all(&frame);
-                            }
-                        }
+                        let last = LastWords {
+                            ring: &mut ring,
+                            inbound: &inbound,
+                            mem: mem.as_ref(),
+                            sealer: &mut sealer,
+                            lane,
+                        };
+                        last.say(
+                            in_flight,
+                            &mut out,
+                            std::mem::take(&mut spare),
+                            ErrorFrame::new(e.code(), e.to_string()),
+                        );
                     }
                     return Err(e);
                 }
@@ -437,5 +443,76 @@ fn serve(
             continue;
         }
         ring.submit_and_wait(Some(beat))?;
+    }
+}
+
+/// What a demand lane needs to send its last frame.
+struct LastWords<'a> {
+    ring: &'a mut Ring,
+    inbound: &'a Inbound,
+    mem: Option<&'a std::sync::Arc<crate::sys::guest::GuestMemory>>,
+    sealer: &'a mut ringfault_proto::Sealer,
+    lane: crate::error::LaneId,
+}
+
+impl LastWords<'_> {
+    /// Sends `why` as an `Error` frame, best effort, within about a second.
+    /// Its tag takes the next sequence number, so it must follow on the wire
+    /// every frame sealed before it: the send in flight completes and the
+    /// batch still queued (`out`) goes out first. Written straight away
+    /// instead, it could overtake them, and the destination would report a
+    /// failed integrity check instead of the reason.
+    fn say(self, mut in_flight: bool, out: &mut Batch, mut spare: Vec<u8>, why: ErrorFrame) {
+        let deadline = Instant::now() + Duration::from_secs(1);
+        let mut events = Vec::new();
+        while in_flight || !out.is_empty() {
+            if Instant::now() > deadline {
+                return;
+            }
+            if !in_flight {
+                let buf = std::mem::replace(&mut out.buf, std::mem::take(&mut spare));
+                if self
+                    .ring
+                    .send_vectored(
+                        self.inbound.sock.as_fd(),
+                        self.mem,
+                        buf,
+                        &out.pieces,
+                        TOKEN_SEND,
+                    )
+                    .is_err()
+                {
+                    return;
+                }
+                out.clear();
+                in_flight = true;
+            }
+            if self
+                .ring
+                .submit_and_wait(Some(Duration::from_millis(100)))
+                .is_err()
+            {
+                return;
+            }
+            events.clear();
+            if self.ring.events(&mut events).is_err() {
+                return;
+            }
+            for ev in events.drain(..) {
+                if let Event::Sent { result, buf, .. } = ev {
+                    if result.is_err() {
+                        return;
+                    }
+                    in_flight = false;
+                    spare = buf;
+                }
+            }
+        }
+        let mut frame = Message::Error(why).to_vec();
+        if seal_control(self.sealer, &mut frame, self.lane).is_ok() {
+            if let Ok(mut s) = self.inbound.sock.try_clone() {
+                let _ = s.write_all(&frame);
+            }
+        }
     }
 }
