@@ -449,3 +449,29 @@ fn the_plot_says_what_ran_and_the_json_keeps_its_keys() {
         assert!(svg.contains(part), "the title says {part:?}");
     }
 }
+
+/// The README's first command, `cargo run --release -p ringfault-tools --
+/// bench`, must pick the `ringfault` binary although the package has two
+/// (the CRIU workload is the other): without `default-run`, cargo refuses
+/// with "could not determine which binary to run".
+#[test]
+fn the_readme_main_command_names_a_runnable_binary() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let readme = std::fs::read_to_string(root.join("README.md")).unwrap();
+    let first = readme
+        .lines()
+        .find(|l| l.starts_with("cargo run"))
+        .unwrap_or_else(|| panic!("no `cargo run` line in the README"));
+    assert!(
+        first.contains("-p ringfault-tools -- bench"),
+        "the README's main command changed: {first}"
+    );
+    let manifest = std::fs::read_to_string(root.join("tools/Cargo.toml")).unwrap();
+    let bins = manifest.matches("[[bin]]").count();
+    assert!(
+        bins <= 1 || manifest.contains("default-run = \"ringfault\""),
+        "tools/Cargo.toml has {bins} binaries and no `default-run = \"ringfault\"`"
+    );
+    // And the binary it runs is the one the tests run.
+    assert!(env!("CARGO_BIN_EXE_ringfault").ends_with("/ringfault"));
+}
