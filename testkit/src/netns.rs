@@ -188,3 +188,38 @@ fn sweep_stale() {
         }
     }
 }
+
+/// Why `ip netns` cannot be used here (root and the `ip` command are needed),
+/// if it cannot.
+pub fn ip_unavailable() -> Option<&'static str> {
+    let uid = Command::new("id").arg("-u").output().ok()?;
+    if String::from_utf8_lossy(&uid.stdout).trim() != "0" {
+        return Some("not root");
+    }
+    match Command::new("ip").arg("-V").output() {
+        Ok(o) if o.status.success() => None,
+        _ => Some("the ip command (iproute2) is missing"),
+    }
+}
+
+/// Whether `tc` can add a netem qdisc here, tried in a throwaway namespace
+/// named after `tag` and this process.
+pub fn netem_available(tag: &str) -> bool {
+    let ns = format!("{tag}-{}", std::process::id());
+    let ok = |args: &[&str]| {
+        Command::new("ip")
+            .args(args)
+            .output()
+            .is_ok_and(|o| o.status.success())
+    };
+    if !ok(&["netns", "add", &ns]) {
+        return false;
+    }
+    let has = ok(&["-n", &ns, "link", "set", "lo", "up"])
+        && ok(&[
+            "netns", "exec", &ns, "tc", "qdisc", "add", "dev", "lo", "root", "netem", "delay",
+            "1ms",
+        ]);
+    let _ = ok(&["netns", "del", &ns]);
+    has
+}

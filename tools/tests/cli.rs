@@ -12,6 +12,7 @@ use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use ringfault_testkit::netns::{ip_unavailable, netem_available};
 use ringfault_testkit::{require, serial, ChildProc};
 
 fn bin() -> Command {
@@ -25,17 +26,6 @@ fn tmp(name: &str) -> PathBuf {
 }
 
 /// Why `--netns` cannot run here, if it cannot.
-fn netns_unavailable() -> Option<&'static str> {
-    let uid = Command::new("id").arg("-u").output().ok()?;
-    if String::from_utf8_lossy(&uid.stdout).trim() != "0" {
-        return Some("not root");
-    }
-    match Command::new("ip").arg("-V").output() {
-        Ok(o) if o.status.success() => None,
-        _ => Some("the ip command (iproute2) is missing"),
-    }
-}
-
 fn namespaces_of(pid: u32) -> Vec<String> {
     let out = Command::new("ip").args(["netns", "list"]).output().unwrap();
     let prefix = format!("rfb-{pid}-");
@@ -44,27 +34,6 @@ fn namespaces_of(pid: u32) -> Vec<String> {
         .filter(|l| l.starts_with(&prefix))
         .map(str::to_owned)
         .collect()
-}
-
-/// Whether `tc` can add a netem qdisc here, tried in a throwaway namespace.
-fn kernel_has_netem() -> bool {
-    let ns = format!("rfnetem-{}", std::process::id());
-    let ok = |args: &[&str]| {
-        Command::new("ip")
-            .args(args)
-            .output()
-            .is_ok_and(|o| o.status.success())
-    };
-    if !ok(&["netns", "add", &ns]) {
-        return false;
-    }
-    let has = ok(&["-n", &ns, "link", "set", "lo", "up"])
-        && ok(&[
-            "netns", "exec", &ns, "tc", "qdisc", "add", "dev", "lo", "root", "netem", "delay",
-            "1ms",
-        ]);
-    let _ = ok(&["netns", "del", &ns]);
-    has
 }
 
 /// Why `perf record` cannot sample a program here, if it cannot.
@@ -303,7 +272,7 @@ fn sparse_vm_sends_ranges_not_data() {
 
 #[test]
 fn netns_run_removes_its_namespaces() {
-    let why = netns_unavailable();
+    let why = ip_unavailable();
     require!(why.is_none(), "{}", why.unwrap_or_default());
     let _g = serial();
     let child = bin()
@@ -328,11 +297,11 @@ fn netns_run_removes_its_namespaces() {
 
 #[test]
 fn netem_options_fail_clearly_and_clean_up() {
-    let why = netns_unavailable();
+    let why = ip_unavailable();
     require!(why.is_none(), "{}", why.unwrap_or_default());
     let _g = serial();
     // Whether this kernel has netem, asked of tc itself, not of the bench.
-    let netem = kernel_has_netem();
+    let netem = netem_available("rfnetem");
     let child = bin()
         .arg("bench")
         .args(QUICK)
@@ -371,7 +340,7 @@ fn netem_options_fail_clearly_and_clean_up() {
 
 #[test]
 fn interrupted_netns_run_removes_its_namespaces() {
-    let why = netns_unavailable();
+    let why = ip_unavailable();
     require!(why.is_none(), "{}", why.unwrap_or_default());
     let _g = serial();
     let child = bin()
@@ -409,7 +378,7 @@ fn interrupted_netns_run_removes_its_namespaces() {
 
 #[test]
 fn a_netns_run_sweeps_namespaces_left_by_a_killed_run() {
-    let why = netns_unavailable();
+    let why = ip_unavailable();
     require!(why.is_none(), "{}", why.unwrap_or_default());
     let _g = serial();
     // A run killed with SIGKILL leaves its namespaces; its PID is gone.

@@ -20,6 +20,7 @@ use std::path::PathBuf;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+use ringfault_testkit::netns::{ip_unavailable, netem_available};
 use ringfault_testkit::{require, serial, ChildProc};
 
 fn bin() -> Command {
@@ -188,43 +189,11 @@ fn serve_with_nothing_to_serve_names_both_choices() {
     assert!(took < Duration::from_secs(2), "{took:?}");
 }
 
-/// Whether `tc` can add a netem qdisc here, tried in a throwaway namespace.
-fn kernel_has_netem() -> bool {
-    let ns = format!("rfux-{}", std::process::id());
-    let ok = |args: &[&str]| {
-        Command::new("ip")
-            .args(args)
-            .output()
-            .is_ok_and(|o| o.status.success())
-    };
-    if !ok(&["netns", "add", &ns]) {
-        return false;
-    }
-    let has = ok(&["-n", &ns, "link", "set", "lo", "up"])
-        && ok(&[
-            "netns", "exec", &ns, "tc", "qdisc", "add", "dev", "lo", "root", "netem", "delay",
-            "1ms",
-        ]);
-    let _ = ok(&["netns", "del", &ns]);
-    has
-}
-
-fn can_make_namespaces() -> bool {
-    let root = Command::new("id")
-        .arg("-u")
-        .output()
-        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0");
-    root && Command::new("ip")
-        .arg("-V")
-        .output()
-        .is_ok_and(|o| o.status.success())
-}
-
 #[test]
 fn the_netem_error_says_what_to_do() {
-    require!(can_make_namespaces(), "needs root and iproute2");
+    require!(ip_unavailable().is_none(), "needs root and iproute2");
     require!(
-        !kernel_has_netem(),
+        !netem_available("rfux"),
         "this kernel has netem, so --delay works and there is no error to read"
     );
     let _g = serial();

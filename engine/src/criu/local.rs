@@ -339,16 +339,8 @@ impl PageSource for ImagePages {
     fn stop(&mut self, _failed: Option<&EngineError>) {}
 
     fn sleep_limit(&self) -> std::time::Duration {
-        // A paced background wakes itself when it may go on.
-        let idle = std::time::Duration::from_millis(500);
-        if self.session.pace.limited() && self.session.finished() {
-            self.session
-                .pace
-                .wait(std::time::Instant::now())
-                .clamp(std::time::Duration::from_millis(1), idle)
-        } else {
-            idle
-        }
+        self.session
+            .sleep_limit(std::time::Duration::from_millis(500))
     }
 
     fn fault_outside(&mut self, cx: &mut Cx<'_>, owner: u32, addr: u64) -> Result<(), EngineError> {

@@ -532,13 +532,7 @@ impl PageSource for ServerPages {
         } else {
             idle
         };
-        if self.session.pace.limited() && self.session.finished() {
-            // A paced background wakes itself when it may go on.
-            let wait = self.session.pace.wait(Instant::now());
-            limit.min(wait.max(Duration::from_millis(1)))
-        } else {
-            limit
-        }
+        self.session.sleep_limit(limit)
     }
 
     fn fault_outside(&mut self, cx: &mut Cx<'_>, owner: u32, addr: u64) -> Result<(), EngineError> {

@@ -114,6 +114,17 @@ impl Session {
         self.finished
     }
 
+    /// How long the fault loop may sleep, at most `limit`: a paced
+    /// background wakes itself when it may go on (after at least 1 ms).
+    pub fn sleep_limit(&self, limit: std::time::Duration) -> std::time::Duration {
+        if self.pace.limited() && self.finished {
+            let wait = self.pace.wait(std::time::Instant::now());
+            limit.min(wait.max(std::time::Duration::from_millis(1)))
+        } else {
+            limit
+        }
+    }
+
     /// The pid of the task that owns userfaultfd `owner`.
     pub fn pid(&self, owner: u32) -> u32 {
         self.tasks

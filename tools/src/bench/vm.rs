@@ -11,6 +11,7 @@ use std::sync::Arc;
 use anyhow::Context;
 use ringfault_engine::sys::guest::{GuestMemory, RegionSpec};
 use ringfault_engine::sys::mapping::MapOptions;
+use ringfault_engine::verify::page_hash;
 use serde::{Deserialize, Serialize};
 
 /// Bytes per page (the synthetic VM uses 4 KiB pages).
@@ -242,25 +243,6 @@ impl GuestMem for GuestMemory {
                 .is_none_or(|v| v.iter().any(|x| x.categories & PAGE_IS_PFNZERO == 0))
         })
     }
-}
-
-/// A fast 64-bit hash of one page (four independent lanes, then mixed).
-pub fn page_hash(buf: &[u8]) -> u64 {
-    let mut lanes = [
-        0x243f_6a88_85a3_08d3u64,
-        0x1319_8a2e_0370_7344,
-        0xa409_3822_299f_31d0,
-        0x082e_fa98_ec4e_6c89,
-    ];
-    for block in buf.chunks_exact(32) {
-        for (i, lane) in lanes.iter_mut().enumerate() {
-            let mut w = [0u8; 8];
-            w.copy_from_slice(&block[i * 8..i * 8 + 8]);
-            *lane = (*lane ^ u64::from_le_bytes(w)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
-            *lane ^= *lane >> 29;
-        }
-    }
-    mix(lanes[0] ^ lanes[1].rotate_left(17) ^ lanes[2].rotate_left(31) ^ lanes[3].rotate_left(47))
 }
 
 /// One digest per [`CHUNK_PAGES`] pages of `mem`, in order. `restore` may patch a
