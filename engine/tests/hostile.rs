@@ -10,6 +10,7 @@ use std::io::Write;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+use ringfault_engine::addr::Listener;
 use ringfault_engine::destination::remote::Link;
 use ringfault_engine::error::LaneId;
 use ringfault_engine::handshake::source_handshake;
@@ -67,6 +68,34 @@ fn sealed_pages(framed: &mut Framed, h: &PagesHeader, payload: &[u8]) -> Vec<u8>
     out
 }
 
+/// A listener on a free loopback port, and its address.
+fn listen() -> (Listener, PeerAddr) {
+    let listener = PeerAddr::parse("tcp:127.0.0.1:0")
+        .and_then(|a| a.listen())
+        .unwrap_or_else(|e| panic!("listen: {e}"));
+    let addr = listener
+        .local_addr()
+        .unwrap_or_else(|e| panic!("local address: {e}"));
+    (listener, addr)
+}
+
+/// Accepts one connection and completes the source's side of the handshake
+/// with the right key, announcing `layout`; the lane, ready for frames.
+fn accept_lane(listener: &Listener, layout: &Layout) -> Framed {
+    let s = listener.accept().unwrap_or_else(|e| panic!("accept: {e}"));
+    source_handshake(
+        s,
+        &key(),
+        layout,
+        Protection::Mac,
+        Duration::from_secs(10),
+        0,
+        |_| Ok(()),
+    )
+    .unwrap_or_else(|e| panic!("handshake: {}", error_chain(&e)))
+    .framed
+}
+
 /// A source that authenticates the demand lane and one bulk lane with the
 /// right key, then writes what `poison` makes on lane `on`, and keeps both
 /// connections open until the test is done.
@@ -74,29 +103,10 @@ fn hostile_source(
     on: On,
     poison: impl FnOnce(&mut Framed) -> Vec<u8> + Send + 'static,
 ) -> (PeerAddr, mpsc::Sender<()>, std::thread::JoinHandle<()>) {
-    let listener = PeerAddr::parse("tcp:127.0.0.1:0")
-        .and_then(|a| a.listen())
-        .unwrap_or_else(|e| panic!("listen: {e}"));
-    let addr = listener
-        .local_addr()
-        .unwrap_or_else(|e| panic!("local address: {e}"));
+    let (listener, addr) = listen();
     let (done_tx, done_rx) = mpsc::channel();
     let h = std::thread::spawn(move || {
-        let mut lanes = Vec::new();
-        for _ in 0..2 {
-            let s = listener.accept().unwrap_or_else(|e| panic!("accept: {e}"));
-            let link = source_handshake(
-                s,
-                &key(),
-                &layout(),
-                Protection::Mac,
-                Duration::from_secs(10),
-                0,
-                |_| Ok(()),
-            )
-            .unwrap_or_else(|e| panic!("handshake: {}", error_chain(&e)));
-            lanes.push(link.framed);
-        }
+        let mut lanes: Vec<Framed> = (0..2).map(|_| accept_lane(&listener, &layout())).collect();
         let lane = &mut lanes[usize::from(on == On::Bulk)];
         let bytes = poison(lane);
         let _ = lane.stream.write_all(&bytes);
@@ -310,27 +320,10 @@ fn a_vanished_source_leaves_faulting_threads_waiting() {
 #[test]
 fn resume_with_another_layout_is_refused() {
     let _g = serial();
-    let listener = PeerAddr::parse("tcp:127.0.0.1:0")
-        .and_then(|a| a.listen())
-        .unwrap_or_else(|e| panic!("listen: {e}"));
-    let addr = listener
-        .local_addr()
-        .unwrap_or_else(|e| panic!("local address: {e}"));
+    let (listener, addr) = listen();
     let (done_tx, done_rx) = mpsc::channel::<()>();
     let h = std::thread::spawn(move || {
-        let accept = |layout: &Layout| {
-            let s = listener.accept().unwrap_or_else(|e| panic!("accept: {e}"));
-            source_handshake(
-                s,
-                &key(),
-                layout,
-                Protection::Mac,
-                Duration::from_secs(10),
-                0,
-                |_| Ok(()),
-            )
-            .unwrap_or_else(|e| panic!("handshake: {}", error_chain(&e)))
-        };
+        let accept = |layout: &Layout| accept_lane(&listener, layout);
         // The session begins on the 4 MiB layout, demand lane and one bulk
         // lane; then both connections drop (a lost link).
         let first: Vec<_> = (0..2).map(|_| accept(&layout())).collect();
@@ -454,29 +447,9 @@ fn a_demand_after_complete_is_refused_with_its_reason_in_order() {
 #[test]
 fn a_paced_fault_is_not_requested_after_complete() {
     let _g = serial();
-    let listener = PeerAddr::parse("tcp:127.0.0.1:0")
-        .and_then(|a| a.listen())
-        .unwrap_or_else(|e| panic!("listen: {e}"));
-    let addr = listener
-        .local_addr()
-        .unwrap_or_else(|e| panic!("local address: {e}"));
+    let (listener, addr) = listen();
     let source = std::thread::spawn(move || -> Result<usize, String> {
-        let mut lanes: Vec<Framed> = (0..2)
-            .map(|_| {
-                let s = listener.accept().map_err(|e| format!("accept: {e}"))?;
-                source_handshake(
-                    s,
-                    &key(),
-                    &layout(),
-                    Protection::Mac,
-                    Duration::from_secs(10),
-                    0,
-                    |_| Ok(()),
-                )
-                .map(|l| l.framed)
-                .map_err(|e| format!("handshake: {}", error_chain(&e)))
-            })
-            .collect::<Result<_, String>>()?;
+        let mut lanes: Vec<Framed> = (0..2).map(|_| accept_lane(&listener, &layout())).collect();
         let mut bulk = lanes.pop().ok_or("no bulk lane")?;
         let mut demand = lanes.pop().ok_or("no demand lane")?;
         let next = |d: &mut Framed| loop {
