@@ -187,6 +187,25 @@ impl PushPlan {
         }
     }
 
+    /// Claims the window `first..first+count` of region `region` for the
+    /// demand lane if none of its pages is sent yet; returns the runs
+    /// claimed (the whole window, unless a pusher claimed part of it
+    /// meanwhile: then the runs it left), or `None` when nothing was
+    /// claimed. The caller makes sure the window holds no never-populated
+    /// page that the scan has not marked yet.
+    pub fn claim_window(&self, region: usize, first: u64, count: u64) -> Option<Vec<Run>> {
+        let s = self.space.span(region)?;
+        let count = count.min(s.pages.saturating_sub(first));
+        let g = s.first + first;
+        if count == 0 || self.sent.count_range(g, count) != 0 {
+            return None;
+        }
+        let mut out = Vec::new();
+        let mut budget = count;
+        self.claim(g, g + count, &mut out, &mut budget);
+        Some(out)
+    }
+
     /// Global pages below `until` are classified: the sweep may go there.
     pub fn scanned_until(&self, until: u64) {
         // Release: the zero ranges marked before are visible to a pusher that
@@ -265,13 +284,38 @@ impl PushPlan {
                 self.cursor.fetch_max(limit, Ordering::Relaxed);
                 break;
             };
-            let end = start.saturating_add(budget).min(limit);
+            let want = start.saturating_add(budget).min(limit);
+            let end = self.align_end(start, want);
             // Relaxed: as above; two lanes may claim from overlapping windows,
             // and the bitmap gives each page to one of them.
             self.cursor.fetch_max(end, Ordering::Relaxed);
             self.claim(start, end, &mut out, &mut budget);
+            if end < want {
+                // Cut at a 2 MiB boundary: the next claim starts on it.
+                break;
+            }
         }
         out
+    }
+
+    /// Rounds the end of a sweep claim `[start, end)` down to a 2 MiB
+    /// boundary of its region when that leaves something to claim, so that
+    /// the sweep's claims (and the frames built from them) cover whole
+    /// aligned 2 MiB ranges, which the destination installs as huge pages.
+    fn align_end(&self, start: u64, end: u64) -> u64 {
+        if end >= self.space.total() {
+            return end;
+        }
+        let Some((ri, page)) = self.space.locate(end) else {
+            return end;
+        };
+        let per = self.space.spans()[ri].pages_per_huge();
+        let aligned = end - page % per;
+        if aligned > start {
+            aligned
+        } else {
+            end
+        }
     }
 
     /// True once every page is sent and no window is waiting.
@@ -370,28 +414,22 @@ mod tests {
         assert!(p.needs_scan());
         p.mark_sent(0, 40);
         p.scanned_until(120);
+        // The claim ends where region 1 (a 2 MiB boundary) begins.
         let b = p.next_batch(70);
         assert_eq!(
             b,
-            vec![
-                Run {
-                    region: 0,
-                    first: 40,
-                    count: 60
-                },
-                Run {
-                    region: 1,
-                    first: 0,
-                    count: 10
-                }
-            ]
+            vec![Run {
+                region: 0,
+                first: 40,
+                count: 60
+            }]
         );
         assert_eq!(
             p.next_batch(70),
             vec![Run {
                 region: 1,
-                first: 10,
-                count: 10
+                first: 0,
+                count: 20
             }]
         );
         assert!(p.next_batch(70).is_empty());
@@ -408,6 +446,21 @@ mod tests {
         let rest: u64 = p.next_batch(1000).iter().map(|r| r.count).sum();
         assert_eq!(rest, 28);
         assert!(p.exhausted());
+    }
+
+    #[test]
+    fn sweep_claims_end_on_2mib_boundaries() {
+        // Page 0 went out on demand: the first claim stops at page 512, and
+        // every later claim covers one whole aligned 2 MiB range.
+        let p = PushPlan::new(space(&[1500]));
+        p.mark_sent(0, 1);
+        p.scanned_until(1500);
+        let firsts: Vec<(u64, u64)> = std::iter::from_fn(|| {
+            let b = p.next_batch(512);
+            (!b.is_empty()).then(|| (b[0].first, b.iter().map(|r| r.count).sum()))
+        })
+        .collect();
+        assert_eq!(firsts, vec![(1, 511), (512, 512), (1024, 476)]);
     }
 
     proptest! {

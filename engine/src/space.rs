@@ -35,6 +35,11 @@ impl RegionSpan {
         usize::try_from(self.pages << self.shift).unwrap_or(usize::MAX)
     }
 
+    /// Pages per 2 MiB (one transparent huge page; 1 for larger pages).
+    pub fn pages_per_huge(&self) -> u64 {
+        ((2u64 << 20) >> self.shift).max(1)
+    }
+
     /// Whether the region has no pages (never, for a valid layout).
     pub fn is_empty(&self) -> bool {
         self.pages == 0

@@ -33,6 +33,9 @@ pub struct Counters {
     pub duplicate_pages: AtomicU64,
     /// `EAGAIN` retries caused by a pending userfaultfd event.
     pub eagain_retries: AtomicU64,
+    /// 2 MiB ranges installed whole, as one transparent huge page
+    /// (`UFFDIO_MOVE` from a huge-page stage; nothing left to collapse).
+    pub huge_moves: AtomicU64,
     /// Bytes read from all sockets, headers included.
     pub wire_bytes: AtomicU64,
     /// Thread CPU ns of the bulk lanes inside the kernel's receive path
@@ -277,6 +280,9 @@ pub struct DestinationReport {
     pub duplicate_pages: u64,
     /// EAGAIN retries.
     pub eagain_retries: u64,
+    /// 2 MiB ranges installed whole as transparent huge pages (`UFFDIO_MOVE`
+    /// from a huge-page stage).
+    pub huge_moves: u64,
     /// Bytes received, headers included.
     pub wire_bytes: u64,
     /// Engine-side service latency: fault read to install done.
@@ -344,6 +350,7 @@ impl DestinationReport {
             unpopulated_pages: Counters::get(&c.unpopulated_pages),
             duplicate_pages: Counters::get(&c.duplicate_pages),
             eagain_retries: Counters::get(&c.eagain_retries),
+            huge_moves: Counters::get(&c.huge_moves),
             wire_bytes: Counters::get(&c.wire_bytes),
             fault_service: LatencySummary::of(h),
             fault_service_cdf: cdf_points(h),

@@ -537,3 +537,137 @@ fn a_paced_fault_is_not_requested_after_complete() {
         .unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(late, 0, "the destination requested pages after Complete");
 }
+
+/// Reads the next frame off a lane, payload included: its message and its
+/// payload, tag checked. Heartbeats are skipped.
+fn recv_with_payload(f: &mut Framed) -> Result<(Message, Vec<u8>), String> {
+    use std::io::Read;
+    loop {
+        let mut head = vec![0u8; ringfault_proto::FRAME_HEADER_LEN];
+        f.stream.read_exact(&mut head).map_err(|e| e.to_string())?;
+        let hdr: [u8; ringfault_proto::FRAME_HEADER_LEN] =
+            head[..].try_into().map_err(|_| "header length")?;
+        let header = ringfault_proto::FrameHeader::parse(&hdr).map_err(|e| e.to_string())?;
+        let mut body = vec![0u8; header.body_len_usize()];
+        f.stream.read_exact(&mut body).map_err(|e| e.to_string())?;
+        head.extend_from_slice(&body);
+        let msg = Message::decode(&header, &body).map_err(|e| e.to_string())?;
+        let (pad, payload) = match &msg {
+            Message::Pages(h) => (usize::from(h.pad_len), h.payload_len as usize),
+            _ => (0, 0),
+        };
+        let mut padding = vec![0u8; pad];
+        f.stream
+            .read_exact(&mut padding)
+            .map_err(|e| e.to_string())?;
+        head.extend_from_slice(&padding);
+        let mut rest = vec![0u8; payload + f.opener.tag_len()];
+        f.stream.read_exact(&mut rest).map_err(|e| e.to_string())?;
+        f.opener.open(&head, &mut rest).map_err(|e| e.to_string())?;
+        rest.truncate(payload);
+        if !matches!(msg, Message::Heartbeat) {
+            return Ok((msg, rest));
+        }
+    }
+}
+
+/// A destination that holds no page of a transparent-huge-page range asks for
+/// the whole aligned 2 MiB range (a `Demand` entry whose window is exactly
+/// the range): the source answers with the whole range in one `Data` frame,
+/// which the destination installs as one huge page. For a range some page of
+/// which already went out, the source answers with the faulting page alone.
+#[test]
+fn a_whole_range_demand_is_answered_in_one_frame() {
+    let _g = serial();
+    let spec = VmSpec::dense(4 * MIB, 6);
+    let src = SourceChild::spawn("source_child", &spec, KEY_A);
+    let link = Link {
+        addr: src.addr.clone(),
+        key: key(),
+        session: [9; 16],
+        protection: Protection::Mac,
+        cipher: Cipher::Aes256Gcm,
+        bulk_channels: 1,
+        moving: false,
+        connect_patience: Duration::from_secs(5),
+        verify: false,
+    };
+    let (mut demand, layout) = link
+        .open(
+            Lane::Demand,
+            0,
+            false,
+            Duration::from_secs(5),
+            Duration::from_secs(10),
+        )
+        .unwrap_or_else(|e| panic!("handshake: {}", error_chain(&e)));
+    demand
+        .stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap_or_else(|e| panic!("timeout: {e}"));
+    let region = layout.regions[0].id;
+    let ask = |d: &mut Framed, id: u64, page: u64, before: u16, after: u16| {
+        d.send(&Message::Demand(DemandRequest {
+            request_id: id,
+            entries: vec![DemandEntry {
+                region,
+                page,
+                before,
+                after,
+            }],
+        }))
+        .unwrap_or_else(|e| panic!("demand: {}", error_chain(&e)));
+    };
+    // Page 5 of range 0, asking for all of range 0.
+    ask(&mut demand, 1, 5, 5, 506);
+    let (m, payload) = recv_with_payload(&mut demand).unwrap_or_else(|e| panic!("reply: {e}"));
+    match m {
+        Message::Pages(h) => {
+            assert_eq!(
+                (h.kind, h.first_page, h.count, h.request_id),
+                (PageKind::Data, 0, 512, 1),
+                "{h:?}"
+            );
+            assert_eq!(payload.len(), 2 * MIB);
+            let mut want = vec![0u8; PAGE];
+            for (i, got) in payload.chunks(PAGE).enumerate() {
+                spec.fill(0, i as u64, &mut want);
+                assert!(
+                    got == want,
+                    "page {i} of the range differs from the source's"
+                );
+            }
+        }
+        other => panic!("expected the whole range, got {other:?}"),
+    }
+    // Range 1: page p alone first, then a whole-range request from page
+    // p + 1: the range is no longer untouched, so only page p + 1 comes.
+    let p = (512..1023u64)
+        .find(|&p| {
+            [p, p + 1]
+                .iter()
+                .all(|&q| spec.class(0, q) == ringfault_testkit::vm::PageClass::Data)
+        })
+        .unwrap_or_else(|| panic!("no two data pages in a row"));
+    let at = u16::try_from(p + 1 - 512).unwrap_or(0);
+    ask(&mut demand, 2, p, 0, 0);
+    ask(&mut demand, 3, p + 1, at, 511 - at);
+    let mut got = Vec::new();
+    while got.len() < 2 {
+        match recv_with_payload(&mut demand) {
+            Ok((Message::Pages(h), payload)) => {
+                assert_eq!(payload.len(), h.count as usize * PAGE);
+                let mut want = vec![0u8; PAGE];
+                spec.fill(0, h.first_page, &mut want);
+                assert!(payload[..PAGE] == want, "page {} differs", h.first_page);
+                got.push((h.request_id, h.first_page, h.count));
+            }
+            other => panic!("expected pages, got {other:?}"),
+        }
+    }
+    assert_eq!(got, vec![(2, p, 1), (3, p + 1, 1)]);
+    // The source would keep the session for a resume: stop it.
+    drop(demand);
+    let mut src = src;
+    src.kill();
+}

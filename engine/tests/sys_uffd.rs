@@ -4,8 +4,9 @@
 use std::error::Error;
 
 use ringfault_engine::sys::guest::{GuestError, GuestMemory, GuestRegion, RegionSpec};
-use ringfault_engine::sys::install::{copy, zero};
+use ringfault_engine::sys::install::{copy, zero, HugeStage};
 use ringfault_engine::sys::mapping::{AlignedBuf, MapError, MapOptions, PAGE_2M, PAGE_4K};
+use ringfault_engine::sys::pagemap::{Query, Scanner, PAGE_IS_HUGE};
 use ringfault_engine::sys::uffd::{
     Event, Features, Installed, Ioctls, RegisterMode, Uffd, UffdError, UffdMsg, UffdOptions,
     PAGEFAULT_FLAG_WRITE,
@@ -191,6 +192,92 @@ fn move_installs_without_copy() -> TestResult {
     let done = unsafe { uffd.move_pages(r.addr(), hole, PAGE_4K, true, true)? };
     assert_eq!(done, Installed::Done(PAGE_4K));
     assert_eq!(populated(r)?, vec![3], "a hole moves nothing");
+    Ok(())
+}
+
+/// A whole 2 MiB range goes into THP guest memory as one huge page: copied
+/// into a `HugeStage`, moved as a PMD; every byte arrives, the range is one
+/// huge page (nothing to collapse), and the stage is ready again. Into a
+/// range that already holds a page, the stage moves no further than that page
+/// and leaves it alone.
+#[test]
+fn huge_stage_moves_a_whole_huge_page() -> TestResult {
+    let supported = Uffd::probe()?;
+    require!(
+        supported.contains(Features::MOVE),
+        "UFFD_FEATURE_MOVE missing (needs Linux 6.8)"
+    );
+    let thp =
+        std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/enabled").unwrap_or_default();
+    require!(
+        thp.contains("[madvise]") || thp.contains("[always]"),
+        "transparent huge pages are off here ({})",
+        thp.trim()
+    );
+    let uffd = Uffd::open(NONBLOCK)?;
+    uffd.api(Features::MOVE)?;
+    let m = GuestMemory::anonymous(
+        &[RegionSpec {
+            id: 1,
+            size: 2 * PAGE_2M,
+            page_size: PAGE_4K,
+        }],
+        MapOptions {
+            thp: true,
+            populate: false,
+        },
+    )?;
+    let r = &m.regions()[0];
+    uffd.register(r.addr(), r.len(), RegisterMode::Missing)?;
+    let bytes: Vec<u8> = (0..PAGE_2M)
+        .map(|i| u8::try_from(i * 7 % 253).unwrap_or(0))
+        .collect();
+
+    let mut stage = HugeStage::new()?;
+    assert_eq!(
+        stage.install(&uffd, r.addr(), &bytes)?,
+        Installed::Done(PAGE_2M)
+    );
+    let mut back = vec![0u8; PAGE_2M];
+    r.read(0, &mut back)?;
+    assert!(
+        back == bytes,
+        "the moved huge page differs from what was staged"
+    );
+    let ranges = Scanner::new()?.scan(r.addr(), r.addr() + PAGE_2M, Query::Populated)?;
+    let huge: usize = ranges
+        .iter()
+        .filter(|x| x.categories & PAGE_IS_HUGE != 0)
+        .map(|x| x.end - x.start)
+        .sum();
+    if huge == 0 {
+        skip!("the kernel had no free huge page for the stage: installed in 4 KiB pages");
+    }
+    assert_eq!(huge, PAGE_2M, "the range is one huge page: {ranges:?}");
+
+    // The second range already holds page 5: the move stops there (EEXIST or
+    // partial progress), page 5 keeps its bytes, and the stage is empty again.
+    let five = pattern(9)?;
+    copy(
+        &uffd,
+        r.addr() + PAGE_2M + 5 * PAGE_4K,
+        five.as_slice(),
+        true,
+    )?;
+    let out = stage.install(&uffd, r.addr() + PAGE_2M, &bytes)?;
+    assert!(
+        !matches!(out, Installed::Done(n) if n == PAGE_2M),
+        "a move over a present page must not report the whole range: {out:?}"
+    );
+    let mut page = vec![0u8; PAGE_4K];
+    r.read(PAGE_2M + 5 * PAGE_4K, &mut page)?;
+    assert_eq!(
+        &page[..],
+        five.as_slice(),
+        "the present page was overwritten"
+    );
+    // A misaligned destination is refused before the kernel is asked.
+    assert!(stage.install(&uffd, r.addr() + PAGE_4K, &bytes).is_err());
     Ok(())
 }
 

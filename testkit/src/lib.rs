@@ -113,6 +113,13 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
     msg
 }
 
+/// Whether this kernel has `UFFDIO_MOVE` (`UFFD_FEATURE_MOVE`, Linux 6.8).
+pub fn uffd_move_supported() -> bool {
+    ringfault_engine::sys::uffd::Uffd::probe()
+        .map(|f| f.contains(ringfault_engine::sys::uffd::Features::MOVE))
+        .unwrap_or(false)
+}
+
 /// The pages of `region` that are populated (present, swapped out, or
 /// mapping the shared zero page), by `PAGEMAP_SCAN`, in region pages.
 pub fn populated_pages(region: &GuestRegion) -> Result<Vec<u64>, PagemapError> {

@@ -157,7 +157,7 @@ pub struct EngineOptions {
     #[arg(long, default_value = "20ms", value_parser = crate::bench::units::parse_duration)]
     pub max_pause: Duration,
     /// Source: pages per bulk data frame (tuning).
-    #[arg(long, hide = true, default_value_t = 256)]
+    #[arg(long, hide = true, default_value_t = 512)]
     pub frame_pages: u32,
     /// Source: bytes per bulk send (tuning).
     #[arg(long, hide = true, default_value = "2M", value_parser = crate::bench::units::parse_size)]

@@ -10,7 +10,7 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::sync::Mutex;
 
-use ringfault_testkit::{require, skip};
+use ringfault_testkit::{require, skip, uffd_move_supported};
 
 static SERIAL: Mutex<()> = Mutex::new(());
 
@@ -180,6 +180,110 @@ fn huge_transparent_huge_pages_are_kept_on_the_destination() {
     assert!(
         dst * 10 >= src * 9,
         "the destination kept {dst} of the source's {src} bytes of huge pages"
+    );
+    // Nothing faults during an idle run, so every 2 MiB range arrives whole
+    // and is installed as one huge page by `UFFDIO_MOVE`: none is collapsed.
+    let moved = h["moved_whole"].as_u64().unwrap_or(0);
+    eprintln!("2 MiB ranges moved whole: {moved}");
+    require!(
+        uffd_move_supported(),
+        "this kernel has no UFFDIO_MOVE (needs Linux 6.8): ranges are collapsed instead"
+    );
+    assert!(
+        moved * (2 << 20) * 10 >= src * 9,
+        "only {moved} ranges of 2 MiB were installed whole, for {src} bytes of huge pages"
+    );
+}
+
+/// With the workload faulting from the first instant, a fault in a range none
+/// of whose pages is here asks for the whole 2 MiB range, which comes in one
+/// demand frame and goes in as one huge page; ranges a fault reaches while
+/// their pages are on the way go in as 4 KiB pages and are collapsed. The
+/// destination must end with the source's huge pages, and faults must have
+/// brought whole ranges.
+#[test]
+fn huge_pages_of_faulted_ranges_are_kept() {
+    let _g = serial();
+    let enabled =
+        std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/enabled").unwrap_or_default();
+    if !(enabled.contains("[madvise]") || enabled.contains("[always]")) {
+        skip!("transparent huge pages are off here ({})", enabled.trim());
+    }
+    let v = bench(
+        "thp-faults",
+        &[
+            "--size",
+            "256M",
+            "--pattern",
+            "random-write",
+            "--tail",
+            "1s",
+        ],
+    );
+    let h = &v["ringfault"]["huge_pages"];
+    let src = h["source_bytes"].as_u64().unwrap_or(0);
+    let dst = h["destination_bytes"].as_u64().unwrap_or(0);
+    let moved = h["moved_whole"].as_u64().unwrap_or(0);
+    let demand = v["ringfault"]["pages"]["demand"].as_u64().unwrap_or(0);
+    eprintln!(
+        "AnonHugePages: source {src}, destination {dst}; moved whole {moved}; demand pages {demand}"
+    );
+    require!(
+        src > 0,
+        "the source's memory got no transparent huge pages (none free?)"
+    );
+    assert!(
+        dst * 10 >= src * 9,
+        "the destination kept {dst} of the source's {src} bytes of huge pages"
+    );
+    require!(
+        uffd_move_supported(),
+        "this kernel has no UFFDIO_MOVE (needs Linux 6.8)"
+    );
+    assert!(
+        demand >= 512,
+        "faults brought {demand} pages: no whole 2 MiB range came by demand"
+    );
+    assert!(moved > 0, "no range was installed whole");
+}
+
+/// Ranges installed in 4 KiB pages (frames of 256 pages, so no frame holds a
+/// whole 2 MiB range, and no fault asks for one in an idle run): the keeper
+/// must collapse every range into a huge page.
+#[test]
+fn huge_pages_installed_in_4k_pages_are_collapsed() {
+    let _g = serial();
+    let enabled =
+        std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/enabled").unwrap_or_default();
+    if !(enabled.contains("[madvise]") || enabled.contains("[always]")) {
+        skip!("transparent huge pages are off here ({})", enabled.trim());
+    }
+    let v = bench(
+        "thp-collapse",
+        &[
+            "--size",
+            "256M",
+            "--pattern",
+            "idle",
+            "--frame-pages",
+            "256",
+            "--tail",
+            "1s",
+        ],
+    );
+    let h = &v["ringfault"]["huge_pages"];
+    let src = h["source_bytes"].as_u64().unwrap_or(0);
+    let dst = h["destination_bytes"].as_u64().unwrap_or(0);
+    let moved = h["moved_whole"].as_u64().unwrap_or(0);
+    eprintln!("AnonHugePages: source {src}, destination {dst}; moved whole {moved}");
+    require!(
+        src > 0,
+        "the source's memory got no transparent huge pages (none free?)"
+    );
+    assert_eq!(moved, 0, "frames of 256 pages were installed whole");
+    assert!(
+        dst * 10 >= src * 9,
+        "the keeper collapsed {dst} of the source's {src} bytes of huge pages"
     );
 }
 

@@ -24,19 +24,31 @@
 //!   with zeros. That is stricter than khugepaged's default, which collapses
 //!   a range holding a single page; a range never populated stays unmapped.
 //!
+//! Better than collapsing a range is never having to: when a whole aligned
+//! 2 MiB range arrives in one frame (the source aligns its frames for this)
+//! and no page of it is present yet, the installer asks the keeper to
+//! install it whole ([`HugeKeeper::install_whole`]): one copy into a
+//! huge-page stage (`sys::install::HugeStage`), then `UFFDIO_MOVE` of that
+//! huge page into guest memory, so the range is never in 4 KiB pages and
+//! never collapsed. That needs `UFFD_FEATURE_MOVE` (Linux 6.8); without it,
+//! or for ranges that demand faults reached first, the collapse above
+//! remains.
+//!
 //! Only memory the destination maps itself is collapsed; a VMM's memory is its
 //! owner's to manage.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
 use crate::bitmap::AtomicBitmap;
 use crate::space::RegionSpan as Span;
 use crate::sys::affinity::{place_current_thread, SchedClass};
 use crate::sys::guest::GuestMemory;
+use crate::sys::install::HugeStage;
 use crate::sys::pagemap::{Query, Scanner, PAGE_IS_HUGE, PAGE_IS_PFNZERO};
+use crate::sys::uffd::{Installed, Uffd, UffdError};
 
 /// Bytes of a transparent huge page (x86-64, arm64 with 4 KiB pages).
 pub const HUGE: usize = 2 << 20;
@@ -48,6 +60,9 @@ const QUEUE: usize = 16 << 10;
 /// The message that asks for the final sweep.
 const SWEEP: (usize, usize) = (usize::MAX, 0);
 
+/// Stages kept for reuse (one per installing thread is enough).
+const STAGES: usize = 8;
+
 /// Pages of data a 2 MiB range needs for the final sweep to collapse it.
 const SWEEP_MIN_PAGES: usize = HUGE / 4096 * 9 / 10;
 
@@ -58,6 +73,8 @@ pub struct HugeStats {
     pub collapsed: AtomicU64,
     /// Ranges left as they were (not fully populated, or the kernel refused).
     pub skipped: AtomicU64,
+    /// Ranges reported complete that were already one huge page.
+    pub already_huge: AtomicU64,
 }
 
 /// Reports completed 2 MiB ranges to the keeper thread, which collapses them
@@ -67,14 +84,22 @@ pub struct HugeKeeper {
     tx: SyncSender<(usize, usize)>,
     /// Which region indexes are THP-backed 4 KiB regions.
     eligible: Vec<bool>,
+    /// Whole ranges may be installed by `UFFDIO_MOVE` (the userfaultfd has
+    /// `UFFD_FEATURE_MOVE`; cleared if the kernel refuses a move outright).
+    moving: AtomicBool,
+    /// Idle huge-page stages.
+    stages: Mutex<Vec<HugeStage>>,
 }
 
 impl HugeKeeper {
     /// Starts the keeper thread for the THP regions of `memory` (the
     /// destination's own), which the installer numbers like `spans`.
+    /// `moving`: the userfaultfd has `UFFD_FEATURE_MOVE`, so whole ranges
+    /// can be installed as huge pages ([`HugeKeeper::install_whole`]).
     pub fn start(
         memory: Arc<GuestMemory>,
         spans: &[Span],
+        moving: bool,
     ) -> std::io::Result<(HugeKeeper, JoinHandle<()>, Arc<HugeStats>)> {
         let (tx, rx) = sync_channel(QUEUE);
         let eligible: Vec<bool> = spans
@@ -87,7 +112,65 @@ impl HugeKeeper {
         let h = std::thread::Builder::new()
             .name("rf-huge".into())
             .spawn(move || keep(&memory, &el, &rx, &st))?;
-        Ok((HugeKeeper { tx, eligible }, h, stats))
+        Ok((
+            HugeKeeper {
+                tx,
+                eligible,
+                moving: AtomicBool::new(moving),
+                stages: Mutex::new(Vec::new()),
+            },
+            h,
+            stats,
+        ))
+    }
+
+    /// Whether pages `first..first+count` of region `ri` start with a whole
+    /// aligned 2 MiB range that [`HugeKeeper::install_whole`] may install.
+    pub fn whole_at(&self, ri: usize, first: u64, count: u64) -> bool {
+        // Relaxed: only ever cleared, and a stale `true` costs one refused move.
+        self.moving.load(Ordering::Relaxed)
+            && self.eligible.get(ri).copied().unwrap_or(false)
+            && first.is_multiple_of(PAGES_PER_HUGE)
+            && count >= PAGES_PER_HUGE
+    }
+
+    /// Installs the 2 MiB `bytes` at `dst` (2 MiB-aligned, missing) as one
+    /// huge page: copied into a stage, then moved. Anything short of
+    /// `Done(2 MiB)` means the caller installs the rest another way; a move
+    /// the kernel refuses outright (`EINVAL`: memory it cannot move into)
+    /// turns whole installs off for this session.
+    pub fn install_whole(
+        &self,
+        uffd: &Uffd,
+        dst: usize,
+        bytes: &[u8],
+    ) -> Result<Installed, UffdError> {
+        let idle = self.stages.lock().ok().and_then(|mut v| v.pop());
+        let mut stage = match idle {
+            Some(s) => s,
+            None => HugeStage::new().map_err(|e| UffdError::Range {
+                op: "mapping a huge-page stage",
+                addr: dst,
+                len: HUGE,
+                source: std::io::Error::other(e.to_string()),
+            })?,
+        };
+        let r = stage.install(uffd, dst, bytes);
+        if let Ok(mut v) = self.stages.lock() {
+            if v.len() < STAGES {
+                v.push(stage);
+            }
+        }
+        if let Err(UffdError::Range { source, .. }) = &r {
+            if source.raw_os_error() == Some(libc::EINVAL) {
+                tracing::debug!(
+                    "UFFDIO_MOVE refused ({source}): huge pages will be collapsed instead"
+                );
+                // Relaxed: see `whole_at`.
+                self.moving.store(false, Ordering::Relaxed);
+            }
+        }
+        r
     }
 
     /// Guest memory is unregistered: collapses what the installs could not
@@ -135,13 +218,17 @@ fn keep(memory: &GuestMemory, eligible: &[bool], rx: &Receiver<(usize, usize)>, 
         }
         let Some(r) = memory.region(ri) else { continue };
         let start = r.addr() + off;
-        let full = scanner
-            .scan(start, start + HUGE, Query::Populated)
-            .map(|v| {
-                v.iter().all(|x| x.categories & PAGE_IS_PFNZERO == 0)
-                    && v.iter().map(|x| x.end - x.start).sum::<usize>() == HUGE
-            })
-            .unwrap_or(false);
+        let Ok(v) = scanner.scan(start, start + HUGE, Query::Populated) else {
+            stats.skipped.fetch_add(1, Ordering::Relaxed);
+            continue;
+        };
+        let full = v.iter().all(|x| x.categories & PAGE_IS_PFNZERO == 0)
+            && v.iter().map(|x| x.end - x.start).sum::<usize>() == HUGE;
+        if full && v.iter().all(|x| x.categories & PAGE_IS_HUGE != 0) {
+            // Relaxed: statistics.
+            stats.already_huge.fetch_add(1, Ordering::Relaxed);
+            continue;
+        }
         let ok = full && r.collapse(off, HUGE).is_ok();
         let c = if ok { &stats.collapsed } else { &stats.skipped };
         // Relaxed: statistics, read after the thread is joined.

@@ -136,8 +136,16 @@ impl Inbound {
                 match result {
                     Ok(true) => self.eof = true,
                     Ok(false) => self.arm(ring)?,
-                    // Every segment full: re-armed once frames are consumed.
-                    Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) => {}
+                    // Every segment was full: re-armed once frames are
+                    // consumed, or now if the consumer already handed
+                    // segments back (it consumed before this event came; a
+                    // frame waiting for more bytes would otherwise wait for
+                    // good).
+                    Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) => {
+                        if ring.stream(self.stream).in_flight() > 0 {
+                            self.arm(ring)?;
+                        }
+                    }
                     Err(e) if e.raw_os_error() == Some(libc::ECANCELED) => self.eof = true,
                     Err(e) => {
                         if crate::error::link_lost(e) {

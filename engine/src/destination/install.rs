@@ -58,6 +58,10 @@ pub struct RemoveGate(std::sync::RwLock<()>);
 /// Largest single install while a [`RemoveGate`] is in use.
 pub const GATED_CHUNK: usize = 64 * 1024;
 
+/// Bytes and 4 KiB pages of a range installed whole as a huge page.
+const HUGE_BYTES: usize = super::huge::HUGE;
+const HUGE_PAGES: u64 = (HUGE_BYTES / 4096) as u64;
+
 impl RemoveGate {
     /// Held by an install, from its check to the end of its ioctl.
     pub fn shared(&self) -> std::sync::RwLockReadGuard<'_, ()> {
@@ -290,6 +294,11 @@ impl Installer {
         let uffd = self.owner_uffd(span.owner)?;
         let mut out = Outcome::default();
         let mut p = 0u64;
+        // Pages from here on may be tried as whole huge pages (a refused
+        // attempt is not repeated for the same range).
+        let mut whole_from = 0u64;
+        // Pages installed in 4 KiB pages (the keeper may collapse their ranges).
+        let mut small = 0u64;
         // Each pass re-reads the present bits, so that a retry after EAGAIN
         // (when a REMOVE may have changed what is wanted) never installs stale
         // data over a page that was resolved meanwhile.
@@ -300,6 +309,37 @@ impl Installer {
                 out.duplicates += 1;
                 p += 1;
                 continue;
+            }
+            if let (Some(h), Payload::Bytes(bytes), PageKind::Data) =
+                (self.huge.get(), &payload, kind)
+            {
+                if p >= whole_from && guard.is_none() && h.whole_at(ri, first + p, count - p) {
+                    whole_from = p + HUGE_PAGES;
+                    if self.present.count_range(g, HUGE_PAGES) == 0 {
+                        let off = usize::try_from(p).unwrap_or(0) * ps;
+                        let src = bytes.get(off..off + HUGE_BYTES).ok_or_else(|| {
+                            EngineError::Internal("payload shorter than its pages".into())
+                        })?;
+                        // Anything short of a whole move falls through to the
+                        // 4 KiB installs below, which re-read the present bits
+                        // and classify errors.
+                        let done = match h.install_whole(uffd, span.addr_of(first + p), src) {
+                            Ok(Installed::Done(b) | Installed::Again { done: b }) => b / ps,
+                            Ok(Installed::Exists) | Err(_) => 0,
+                        } as u64;
+                        if done > 0 {
+                            self.present.set_range(g, done);
+                            out.installed += done;
+                            p += done;
+                            if done == HUGE_PAGES {
+                                Counters::add(&self.counters.huge_moves, 1);
+                            } else {
+                                small += done;
+                            }
+                            continue;
+                        }
+                    }
+                }
             }
             let max_run = if guard.is_some() {
                 (GATED_CHUNK / ps).max(1) as u64
@@ -388,6 +428,7 @@ impl Installer {
             }
             self.present.set_range(g, installed);
             out.installed += installed;
+            small += installed;
             p += installed;
         }
         match kind {
@@ -396,7 +437,7 @@ impl Installer {
             PageKind::Data => {}
         }
         Counters::add(&self.counters.duplicate_pages, out.duplicates);
-        if let (Some(h), PageKind::Data) = (self.huge.get(), kind) {
+        if let (Some(h), PageKind::Data, true) = (self.huge.get(), kind, small > 0) {
             h.installed(ri, &span, first, count, &self.present);
         }
         if self.present.all_set() {

@@ -537,7 +537,17 @@ fn own_memory(
         nonblock: true,
         user_mode_only: false,
     })?;
-    uffd.api(features_for(layout, cfg.install == InstallMode::Move))?;
+    let mut wanted = features_for(layout, cfg.install == InstallMode::Move);
+    // Whole 2 MiB ranges go in as huge pages by `UFFDIO_MOVE` where the
+    // kernel has it (huge.rs); otherwise the keeper only collapses.
+    let move_huge = cfg.thp
+        && Uffd::probe()
+            .map(|f| f.contains(Features::MOVE))
+            .unwrap_or(false);
+    if move_huge {
+        wanted = wanted | Features::MOVE;
+    }
+    uffd.api(wanted)?;
     let specs: Vec<RegionSpec> = layout
         .regions
         .iter()
@@ -573,7 +583,7 @@ fn own_memory(
     let mem = Arc::new(mem);
     if cfg.thp {
         // The keeper thread lives as long as the installer's reports can come.
-        match huge::HugeKeeper::start(mem.clone(), inst.space.spans()) {
+        match huge::HugeKeeper::start(mem.clone(), inst.space.spans(), move_huge) {
             Ok((keeper, _thread, _stats)) => {
                 let _ = inst.huge.set(keeper);
             }

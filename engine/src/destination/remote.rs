@@ -140,7 +140,8 @@ impl Link {
     /// A receive ring for a lane: mirrored, or private when moving pages.
     pub fn ring_for(&self, lane: Lane, largest_page: usize) -> Result<StreamRing, EngineError> {
         let (seg, segs) = match lane {
-            Lane::Demand => (SEGMENT.max(largest_page + 4096), 8),
+            // 16 segments: room for a whole 2 MiB range in one frame.
+            Lane::Demand => (SEGMENT.max(largest_page + 4096), 16),
             _ => (SEGMENT.max(largest_page + 4096), 32),
         };
         Ok(StreamRing::new(
@@ -175,6 +176,15 @@ pub struct RemoteConfig {
     /// The source sends `Digests` after `CompleteAck` (`WELCOME_VERIFY`).
     pub verify: bool,
 }
+
+/// How long a fault in a 2 MiB range asked for whole waits for that range
+/// before its page is asked for alone (the source sends a range whole only
+/// if none of its pages went out yet; otherwise it sends the first faulting
+/// page and queues the rest for the bulk lanes).
+const WHOLE_WAIT: Duration = Duration::from_millis(20);
+
+/// Ranges asked for whole that are remembered before old ones are dropped.
+const WHOLE_TRACKED: usize = 4096;
 
 /// A token bucket for demand requests.
 #[derive(Debug)]
@@ -290,6 +300,13 @@ pub struct RemotePages {
     next_request: u64,
     /// Faulting pages not requested yet (pacing).
     queued: Vec<u64>,
+    /// 2 MiB ranges asked for whole (region index, first page), and when: a
+    /// later fault in one of them waits for it instead of asking again.
+    whole: std::collections::HashMap<(usize, u64), Instant>,
+    /// Faulting pages waiting for a range asked for whole (global page, when
+    /// the range was asked): asked for alone if it has not come within
+    /// [`WHOLE_WAIT`].
+    parked: Vec<(u64, Instant)>,
     pacer: Pacer,
     refetch: bool,
     reconnect: Option<(mpsc::Receiver<Result<Resumed, EngineError>>, Instant)>,
@@ -344,6 +361,8 @@ impl RemotePages {
             finished: Arc::new(AtomicBool::new(false)),
             next_request: 1,
             queued: Vec::new(),
+            whole: std::collections::HashMap::new(),
+            parked: Vec::new(),
             pacer,
             refetch: false,
             reconnect: None,
@@ -636,6 +655,8 @@ impl RemotePages {
                 self.resumes += 1;
                 self.state = State::Running;
                 self.queued.clear();
+                self.whole.clear();
+                self.parked.clear();
                 self.attach(cx, r.demand, r.bulk.into_iter().map(Some).collect())?;
                 self.refetch = true;
                 Ok(())
@@ -737,13 +758,29 @@ impl RemotePages {
     /// nothing is sent once `Complete` is: every page is present then, and
     /// the source refuses a `Demand` after `Complete`.
     fn send_queued(&mut self, now: Instant) -> Result<(), EngineError> {
+        let present = &self.inst.present;
+        if !self.parked.is_empty() {
+            // A range asked for whole that has not come in time (the source
+            // sent only the first faulting page): its other faults go alone.
+            let queued = &mut self.queued;
+            self.parked.retain(|&(g, t)| {
+                if present.is_set(g) {
+                    return false;
+                }
+                if now.saturating_duration_since(t) >= WHOLE_WAIT {
+                    queued.push(g);
+                    return false;
+                }
+                true
+            });
+        }
         if self.queued.is_empty() {
             return Ok(());
         }
-        let present = &self.inst.present;
         self.queued.retain(|&g| !present.is_set(g));
         if self.state != State::Running {
             self.queued.clear();
+            self.parked.clear();
         }
         if self.queued.is_empty() || !self.pacer.take(now) {
             return Ok(());
@@ -752,20 +789,49 @@ impl RemotePages {
             return Ok(());
         };
         let space = &self.inst.space;
-        let entries: Vec<DemandEntry> = self
-            .queued
-            .drain(..)
-            .filter_map(|g| {
-                let (ri, page) = space.locate(g)?;
-                let s = space.span(ri)?;
-                Some(DemandEntry {
-                    region: s.id,
-                    page,
-                    before: self.cfg.prefetch_before,
-                    after: self.cfg.prefetch_after,
-                })
-            })
-            .collect();
+        let huge = self.inst.huge.get();
+        if self.whole.len() > WHOLE_TRACKED {
+            self.whole
+                .retain(|_, t| now.saturating_duration_since(*t) < WHOLE_WAIT);
+        }
+        let mut entries: Vec<DemandEntry> = Vec::with_capacity(self.queued.len());
+        for g in self.queued.drain(..) {
+            let Some((ri, page)) = space.locate(g) else {
+                continue;
+            };
+            let Some(s) = space.span(ri) else { continue };
+            // A fault in a THP range none of whose pages is here yet asks for
+            // the whole range, which the source sends in one frame and the
+            // installer moves in as one huge page (no collapse later). A
+            // fault in a range asked for whole a moment ago waits for it.
+            let per = s.pages_per_huge();
+            let wfirst = page - page % per;
+            if huge.is_some_and(|h| h.whole_at(ri, wfirst, s.pages - wfirst)) {
+                let asked = self.whole.get(&(ri, wfirst)).copied();
+                if let Some(t) = asked.filter(|&t| now.saturating_duration_since(t) < WHOLE_WAIT) {
+                    Counters::add(&self.inst.counters.coalesced_faults, 1);
+                    self.parked.push((g, t));
+                    continue;
+                }
+                if asked.is_none() && self.inst.present.count_range(s.first + wfirst, per) == 0 {
+                    self.whole.insert((ri, wfirst), now);
+                    let at = u16::try_from(page - wfirst).unwrap_or(0);
+                    entries.push(DemandEntry {
+                        region: s.id,
+                        page,
+                        before: at,
+                        after: u16::try_from(per - 1).unwrap_or(0) - at,
+                    });
+                    continue;
+                }
+            }
+            entries.push(DemandEntry {
+                region: s.id,
+                page,
+                before: self.cfg.prefetch_before,
+                after: self.cfg.prefetch_after,
+            });
+        }
         if entries.is_empty() {
             return Ok(());
         }
@@ -1115,6 +1181,10 @@ impl PageSource for RemotePages {
         let mut t = (self.cfg.liveness / 4).min(Duration::from_millis(250));
         if !self.queued.is_empty() {
             t = t.min(self.pacer.wait().max(Duration::from_micros(1)));
+        }
+        if let Some(&(_, asked)) = self.parked.iter().min_by_key(|(_, at)| *at) {
+            let due = (asked + WHOLE_WAIT).saturating_duration_since(Instant::now());
+            t = t.min(due.max(Duration::from_micros(100)));
         }
         t
     }

@@ -1,6 +1,9 @@
 //! The demand lane on the source: answers each demand request at once with
 //! the faulting pages, straight from guest memory, and queues each request's
-//! prefetch window for the bulk lanes. It also carries the end of the
+//! prefetch window for the bulk lanes; a window that is one whole aligned
+//! 2 MiB range none of whose pages went out yet is sent here instead, in one
+//! frame, which the destination installs as one huge page (design.md, "The
+//! demand economy"). It also carries the end of the
 //! session (`Complete`, our `CompleteAck`, with `VERIFY` our `Digests` of
 //! every page, then `Release`), each step accepted only in its state.
 //!
@@ -79,6 +82,46 @@ struct DigestCursor {
 
 /// The next `Digests` frame from `at` on, and the cursor after it (`None`:
 /// that was the last).
+/// The runs to send for a demand window that is one whole aligned 2 MiB range
+/// of a 4 KiB region of guest memory, none of whose pages went out yet
+/// (claimed here, so no pusher sends them too). `None`: any other window,
+/// which is served as before (the faulting page here, the rest hinted to the
+/// bulk lanes).
+fn whole_window(
+    sess: &Session,
+    ri: usize,
+    span: &crate::space::RegionSpan,
+    first: u64,
+    count: u64,
+) -> Option<Vec<crate::schedule::Run>> {
+    let per = span.pages_per_huge();
+    if per <= 1 || count != per || !first.is_multiple_of(per) {
+        return None;
+    }
+    if !matches!(sess.backing, Backing::Memory(_)) {
+        return None;
+    }
+    // Never-populated pages go out as ranges, once the scan has found them:
+    // a window the scan has not reached yet is sent whole only if it has
+    // none (one page-map query of its 2 MiB).
+    if span.first + first + count > sess.plan.scanned() {
+        let mut guard = sess.scanner.try_lock().ok()?;
+        if guard.is_none() {
+            *guard = crate::sys::pagemap::Scanner::new().ok();
+        }
+        let scanner = guard.as_mut()?;
+        let (start, end) = (span.addr_of(first), span.addr_of(first + count));
+        let ranges = scanner
+            .scan(start, end, crate::sys::pagemap::Query::Populated)
+            .ok()?;
+        let populated: usize = ranges.iter().map(|r| r.end - r.start).sum();
+        if populated != end - start {
+            return None;
+        }
+    }
+    sess.plan.claim_window(ri, first, count)
+}
+
 fn next_digests(
     sess: &Session<'_>,
     at: DigestCursor,
@@ -267,6 +310,33 @@ fn serve(
                             let ri = sess.space.index_of(e.region).ok_or_else(|| {
                                 EngineError::Internal("validated region vanished".into())
                             })?;
+                            let span = sess.space.span(ri).copied().ok_or_else(|| {
+                                EngineError::Internal("validated region vanished".into())
+                            })?;
+                            let (first, count) =
+                                prefetch_window(e.page, span.pages, e.before, e.after);
+                            if let Some(runs) = whole_window(sess, ri, &span, first, count) {
+                                // A whole 2 MiB range the destination installs as
+                                // one huge page: sent here, in one frame.
+                                let mut covered = false;
+                                for r in &runs {
+                                    covered |= (r.first..r.first + r.count).contains(&e.page);
+                                    framer.append(
+                                        &mut out,
+                                        &mut sealer,
+                                        ri,
+                                        r.first,
+                                        r.count,
+                                        req.request_id,
+                                        &mut pos,
+                                        &sess.counters,
+                                        true,
+                                    )?;
+                                }
+                                if covered {
+                                    continue;
+                                }
+                            }
                             framer.append(
                                 &mut out,
                                 &mut sealer,
@@ -279,8 +349,6 @@ fn serve(
                                 true,
                             )?;
                             sess.plan.mark_sent_in(ri, e.page, 1);
-                            let pages = sess.space.span(ri).map_or(0, |s| s.pages);
-                            let (first, count) = prefetch_window(e.page, pages, e.before, e.after);
                             if count > 1 {
                                 sess.plan.hint(ri, first, count);
                             }

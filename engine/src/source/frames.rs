@@ -67,6 +67,10 @@ impl Batch {
     }
 }
 
+/// A whole frame window goes out as data if at most one page in this many is
+/// zero ([`Framer::whole_window`]).
+const ABSORB_ZERO: u64 = 8;
+
 /// What a batch builder needs.
 #[derive(Debug)]
 pub struct Framer<'a> {
@@ -118,6 +122,45 @@ impl Framer<'_> {
         }
     }
 
+    /// Data pages per frame for pages of `ps` bytes: `frame_pages`, but one
+    /// 2 MiB page (or one larger page) per frame for larger pages.
+    fn data_frame_pages(&self, ps: usize) -> u64 {
+        if ps > 4096 {
+            u64::from(self.frame_pages).min(((2usize << 20) / ps) as u64)
+        } else {
+            u64::from(self.frame_pages)
+        }
+        .max(1)
+    }
+
+    /// Whether pages `p..` of `region` (guest memory, not a file) start a
+    /// whole frame window (aligned to the frame size, inside `..end`) whose
+    /// zero pages are at most one in [`ABSORB_ZERO`]: then the window goes
+    /// out as one data frame, its few zero pages as data, so that the
+    /// destination can install it as one huge page instead of in pieces
+    /// split at every zero page. A page that is populated with zeros on the
+    /// source is then populated on the destination too; never-populated
+    /// pages are not claimed here (they go out as ranges). Returns its pages.
+    fn whole_window(&self, region: usize, p: u64, end: u64, ps: usize) -> Option<u64> {
+        if !matches!(self.backing, Backing::Memory(_)) {
+            return None;
+        }
+        let fp = self.data_frame_pages(ps);
+        if fp < ABSORB_ZERO || !p.is_multiple_of(fp) || end - p < fp {
+            return None;
+        }
+        let mut zeros = 0u64;
+        for i in 0..fp {
+            if self.class(region, p + i, None) == Class::Zero {
+                zeros += 1;
+                if zeros * ABSORB_ZERO > fp {
+                    return None;
+                }
+            }
+        }
+        Some(fp)
+    }
+
     /// Appends frames for pages `first..first+count` of region `region`,
     /// sealed with `sealer`; `request_id` is 0 for background pages.
     /// `stream_pos` is the lane's byte offset where the batch starts (for
@@ -159,17 +202,29 @@ impl Framer<'_> {
             } else {
                 None
             };
-            let kind = self.class(region, p, staged);
-            let mut n = 1u64;
+            let whole = self.whole_window(region, p, end, ps);
+            let kind = if whole.is_some() {
+                Class::Data
+            } else {
+                self.class(region, p, staged)
+            };
+            let mut n = whole.unwrap_or(1);
+            // Data frames end at multiples of `frame_pages` within the
+            // region, so a run that starts on a 2 MiB boundary goes out as
+            // whole aligned 2 MiB frames (at the default of 512 pages), which
+            // the destination installs as huge pages.
             let cap = match kind {
-                Class::Data => u64::from(self.frame_pages).max(1),
+                Class::Data => {
+                    let fp = self.data_frame_pages(ps);
+                    fp - p % fp
+                }
                 Class::Zero => u64::from(u32::MAX),
             };
             let mut staged_run: Vec<u8> = Vec::new();
             if staging && kind == Class::Data {
                 staged_run.extend_from_slice(staged.unwrap_or(&[]));
             }
-            while p + n < end && n < cap {
+            while whole.is_none() && p + n < end && n < cap {
                 let next_staged = if let Backing::File(f) = self.backing {
                     page_buf.resize(ps, 0);
                     f.read_page(region, span.offset_of(p + n), &mut page_buf)?;
@@ -323,5 +378,99 @@ impl Framer<'_> {
             p += n;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use ringfault_proto::{Layout, PageSize, RegionDesc};
+
+    use super::*;
+    use crate::sys::guest::{GuestMemory, RegionSpec};
+    use crate::sys::mapping::MapOptions;
+
+    const PAGES: u64 = 1024;
+
+    /// The batch for pages `first..first+count` of one 1024-page region
+    /// whose pages all hold data except `zeros`, at 512 pages per frame.
+    fn frames_of(zeros: &[u64], first: u64, count: u64) -> Batch {
+        let size = usize::try_from(PAGES).unwrap() * 4096;
+        let mem = GuestMemory::anonymous(
+            &[RegionSpec {
+                id: 1,
+                size,
+                page_size: 4096,
+            }],
+            MapOptions::default(),
+        )
+        .unwrap();
+        let r = &mem.regions()[0];
+        for p in (0..PAGES).filter(|p| !zeros.contains(p)) {
+            r.write(usize::try_from(p).unwrap() * 4096 + 100, &[7u8; 8])
+                .unwrap();
+        }
+        let layout = Layout {
+            regions: vec![RegionDesc {
+                id: 1,
+                page_size: PageSize::Size4K,
+                size: size as u64,
+            }],
+        };
+        let space = PageSpace::new(&layout, &[r.addr()]);
+        let backing = Backing::Memory(Arc::new(mem));
+        let framer = Framer {
+            backing: &backing,
+            space: &space,
+            frame_pages: 512,
+            align: true,
+            lane: LaneId::DEMAND,
+        };
+        let mut sealer = Sealer::new(Protection::Mac, &[3u8; 32]).unwrap();
+        let counters = SourceCounters::default();
+        let mut batch = Batch::default();
+        let mut pos = 0u64;
+        framer
+            .append(
+                &mut batch,
+                &mut sealer,
+                0,
+                first,
+                count,
+                0,
+                &mut pos,
+                &counters,
+                false,
+            )
+            .unwrap();
+        batch
+    }
+
+    #[test]
+    fn whole_windows_absorb_a_few_zero_pages() {
+        // One zero page in each 2 MiB window: two whole data frames.
+        let b = frames_of(&[3, 700], 0, PAGES);
+        assert_eq!((b.frames, b.data_pages, b.zero_pages), (2, PAGES, 0));
+    }
+
+    #[test]
+    fn a_window_with_many_zero_pages_is_split_at_them() {
+        // 100 zero pages (more than one in 8) open window 0: a zero frame,
+        // then the window's data; window 1 is whole.
+        let zeros: Vec<u64> = (0..100).collect();
+        let b = frames_of(&zeros, 0, PAGES);
+        assert_eq!(
+            (b.frames, b.data_pages, b.zero_pages),
+            (3, PAGES - 100, 100)
+        );
+    }
+
+    #[test]
+    fn data_frames_end_on_window_boundaries() {
+        // A run that starts off a boundary stops at the next one, so the
+        // frame after it is a whole aligned window.
+        let b = frames_of(&[], 1, PAGES - 1);
+        assert_eq!((b.frames, b.data_pages), (2, PAGES - 1));
     }
 }

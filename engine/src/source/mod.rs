@@ -161,7 +161,7 @@ impl SourceConfig {
         SourceConfig {
             key,
             protection: Protection::Mac,
-            frame_pages: 256,
+            frame_pages: 512,
             batch_bytes: 2 << 20,
             pin_workers: true,
             prioritize_demand: false,

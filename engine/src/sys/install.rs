@@ -11,10 +11,89 @@
 //! # Hazards
 //! `UFFDIO_MOVE` takes the pages out of the receive ring: the ring must be
 //! private anonymous memory ([`StreamRing::new`] with `private`), and the
-//! moved range reads as zeros (or is refilled) afterwards.
+//! moved range reads as zeros (or is refilled) afterwards. The same holds
+//! for a [`HugeStage`], whose page is taken away by each install.
 
 use crate::sys::bufring::StreamRing;
+use crate::sys::mapping::{MapOptions, Mapping};
 use crate::sys::uffd::{Installed, Uffd, UffdError};
+
+/// A 2 MiB staging area for installing one whole transparent huge page.
+///
+/// `UFFDIO_COPY` only installs 4 KiB pages, which `MADV_COLLAPSE` must later
+/// copy a second time into a huge page. A stage instead takes the 2 MiB of a
+/// range in one copy into private, 2 MiB-aligned, `MADV_HUGEPAGE` memory (the
+/// kernel backs it with a fresh huge page when it has one), and
+/// `UFFDIO_MOVE` then hands that page to guest memory as one PMD: no second
+/// copy, nothing left to collapse. If the kernel had no huge page for the
+/// stage, or the destination range already holds a page, the move still
+/// installs correctly, in 4 KiB pages.
+#[derive(Debug)]
+pub struct HugeStage {
+    map: Mapping,
+}
+
+impl HugeStage {
+    /// Bytes of a stage: one transparent huge page (x86-64, arm64 with 4 KiB
+    /// base pages).
+    pub const LEN: usize = 2 << 20;
+
+    /// Maps an empty stage.
+    pub fn new() -> Result<HugeStage, crate::sys::mapping::MapError> {
+        let map = Mapping::anonymous(
+            Self::LEN,
+            4096,
+            MapOptions {
+                thp: true,
+                populate: false,
+            },
+        )?;
+        Ok(HugeStage { map })
+    }
+
+    /// Copies `bytes` (exactly [`HugeStage::LEN`]) into the stage and moves
+    /// it to the missing pages at `dst` (2 MiB-aligned, registered on
+    /// `uffd`, which must have `UFFD_FEATURE_MOVE`), waking their waiters.
+    /// Anything but a whole move leaves the stage empty again: what it did
+    /// not move is dropped, and the caller installs those pages another way.
+    pub fn install(
+        &mut self,
+        uffd: &Uffd,
+        dst: usize,
+        bytes: &[u8],
+    ) -> Result<Installed, UffdError> {
+        if bytes.len() != Self::LEN || !dst.is_multiple_of(Self::LEN) {
+            return Err(UffdError::Range {
+                op: "UFFDIO_MOVE",
+                addr: dst,
+                len: bytes.len(),
+                source: std::io::Error::from_raw_os_error(libc::EINVAL),
+            });
+        }
+        self.map
+            .write_from(0, bytes)
+            .map_err(|e| UffdError::Range {
+                op: "staging copy",
+                addr: dst,
+                len: bytes.len(),
+                source: std::io::Error::other(e.to_string()),
+            })?;
+        // SAFETY: the stage is private anonymous memory of this process that
+        // only `self` (borrowed mutably) reaches, 2 MiB-aligned; nobody reads
+        // it during the move, and afterwards it is unpopulated (the next
+        // `write_from` faults in fresh memory). The kernel only fills `dst`
+        // if it lies in a range registered on `uffd` and is missing, as for
+        // COPY.
+        let r = unsafe { uffd.move_pages(dst, self.map.as_ptr(), Self::LEN, true, false) };
+        if !matches!(r, Ok(Installed::Done(n)) if n == Self::LEN) {
+            // A partial move left pages behind: drop them, so that the next
+            // install starts from an empty stage. Not registered anywhere, so
+            // no event: the pages are simply freed.
+            let _ = self.map.madvise_dontneed(0, Self::LEN);
+        }
+        r
+    }
+}
 
 /// `UFFDIO_COPY` of `src` to the missing pages at `dst`.
 pub fn copy(uffd: &Uffd, dst: usize, src: &[u8], wake: bool) -> Result<Installed, UffdError> {

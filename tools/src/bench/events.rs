@@ -113,6 +113,9 @@ pub struct Counts {
     pub unpopulated_pages: u64,
     /// Pages that arrived twice (destination).
     pub duplicate_pages: u64,
+    /// 2 MiB ranges installed whole as huge pages (destination).
+    #[serde(default)]
+    pub huge_moves: u64,
     /// Bytes on the wire, headers included.
     pub wire_bytes: u64,
 }

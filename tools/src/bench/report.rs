@@ -38,6 +38,9 @@ pub struct HugePages {
     pub destination_bytes: Option<u64>,
     /// Destination ÷ source (none when the source had none).
     pub kept: Option<f64>,
+    /// 2 MiB ranges the destination installed whole, as huge pages
+    /// (`UFFDIO_MOVE` from a huge-page stage: never split, never collapsed).
+    pub moved_whole: u64,
 }
 
 /// CPU time of the migration machinery (vCPU threads excluded).

@@ -243,6 +243,7 @@ impl RunResult {
                     (Some(s), Some(d)) if s > 0 => Some(to_f64(d) / to_f64(s)),
                     _ => None,
                 },
+                moved_whole: d.counts.huge_moves,
             },
         }
     }

@@ -125,11 +125,16 @@ impl Report {
             let h = &r.huge_pages;
             let mib = |b: Option<u64>| b.map_or("-".to_owned(), |b| format!("{} MiB", b >> 20));
             format!(
-                "{} → {}{}",
+                "{} → {}{}{}",
                 mib(h.source_bytes),
                 mib(h.destination_bytes),
                 h.kept
-                    .map_or(String::new(), |k| format!(" ({:.0}%)", k * 100.0))
+                    .map_or(String::new(), |k| format!(" ({:.0}%)", k * 100.0)),
+                if h.moved_whole > 0 {
+                    format!(", {} MiB moved whole", h.moved_whole * 2)
+                } else {
+                    String::new()
+                }
             )
         });
         row("CPU-s per GiB, source", &|r| {
