@@ -33,8 +33,9 @@ pub struct Counters {
     pub duplicate_pages: AtomicU64,
     /// `EAGAIN` retries caused by a pending userfaultfd event.
     pub eagain_retries: AtomicU64,
-    /// 2 MiB ranges installed whole, as one transparent huge page
-    /// (`UFFDIO_MOVE` from a huge-page stage; nothing left to collapse).
+    /// 2 MiB ranges installed whole by one `UFFDIO_MOVE` from a huge-page
+    /// stage: one transparent huge page each, unless the kernel had none for
+    /// the stage (then the final sweep collapses the range).
     pub huge_moves: AtomicU64,
     /// Bytes read from all sockets, headers included.
     pub wire_bytes: AtomicU64,

@@ -2,8 +2,8 @@
 //! the faulting pages, straight from guest memory, and queues each request's
 //! prefetch window for the bulk lanes; a window that is one whole aligned
 //! 2 MiB range none of whose pages went out yet is sent here instead, in one
-//! frame, which the destination installs as one huge page (design.md, "The
-//! demand economy"). It also carries the end of the
+//! frame, which the destination installs as one huge page (design.md, "Whole
+//! huge pages"). It also carries the end of the
 //! session (`Complete`, our `CompleteAck`, with `VERIFY` our `Digests` of
 //! every page, then `Release`), each step accepted only in its state.
 //!
@@ -80,8 +80,10 @@ struct DigestCursor {
     group: u64,
 }
 
-/// The next `Digests` frame from `at` on, and the cursor after it (`None`:
-/// that was the last).
+/// How long a demand lane whose link broke still reads what arrived, for the
+/// peer's reason.
+const LOST_GRACE: Duration = Duration::from_millis(200);
+
 /// The runs to send for a demand window that is one whole aligned 2 MiB range
 /// of a 4 KiB region of guest memory, none of whose pages went out yet
 /// (claimed here, so no pusher sends them too). `None`: any other window,
@@ -122,6 +124,8 @@ fn whole_window(
     sess.plan.claim_window(ri, first, count)
 }
 
+/// The next `Digests` frame from `at` on, and the cursor after it (`None`:
+/// that was the last).
 fn next_digests(
     sess: &Session<'_>,
     at: DigestCursor,
@@ -245,6 +249,12 @@ fn serve(
     let mut digests: Option<DigestCursor> = None;
     let mut last_tx = Instant::now();
     let mut events = Vec::with_capacity(64);
+    // The link broke (a send or the receive failed), and when: the frames
+    // already received are still read, because the peer's `Error` may be
+    // among them (a destination that stops sends its reason, then closes,
+    // and its close can reset a send of ours before we read the reason).
+    let mut lost: Option<(EngineError, Instant)> = None;
+    let mut recv_over = false;
     loop {
         events.clear();
         ring.events(&mut events)?;
@@ -258,11 +268,10 @@ fn serve(
                         if sess.stale(epoch) {
                             return Ok(End::Superseded);
                         }
-                        return Err(if crate::error::link_lost(&e) {
-                            EngineError::ConnectionLost { lane }
-                        } else {
-                            EngineError::io(format!("answering on the {lane}"), e)
-                        });
+                        if !crate::error::link_lost(&e) {
+                            return Err(EngineError::io(format!("answering on the {lane}"), e));
+                        }
+                        lost.get_or_insert((EngineError::ConnectionLost { lane }, now));
                     }
                 }
                 ev => {
@@ -270,7 +279,11 @@ fn serve(
                         if sess.stale(epoch) {
                             return Ok(End::Superseded);
                         }
-                        return Err(e);
+                        if !e.is_link_loss() {
+                            return Err(e);
+                        }
+                        recv_over = true;
+                        lost.get_or_insert((e, now));
                     }
                 }
             }
@@ -443,6 +456,17 @@ fn serve(
         }
         if released && !in_flight && out.is_empty() {
             return Ok(End::Released);
+        }
+        if let Some((e, at)) = lost.take() {
+            // Every frame received is read (an `Error` among them was
+            // returned above): the link is lost once the receive is over
+            // too, or after a moment.
+            if recv_over || inbound.eof || now.saturating_duration_since(at) > LOST_GRACE {
+                return Err(e);
+            }
+            lost = Some((e, at));
+            ring.submit_and_wait(Some(LOST_GRACE / 4))?;
+            continue;
         }
         if inbound.drained(&ring) {
             return Err(EngineError::ConnectionLost { lane });

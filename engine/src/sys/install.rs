@@ -63,11 +63,15 @@ impl HugeStage {
         bytes: &[u8],
     ) -> Result<Installed, UffdError> {
         if bytes.len() != Self::LEN || !dst.is_multiple_of(Self::LEN) {
+            // Not `EINVAL`, which would say that the kernel refuses moves.
             return Err(UffdError::Range {
                 op: "UFFDIO_MOVE",
                 addr: dst,
                 len: bytes.len(),
-                source: std::io::Error::from_raw_os_error(libc::EINVAL),
+                source: std::io::Error::new(
+                    std::io::ErrorKind::InvalidInput,
+                    "a huge-page stage installs exactly 2 MiB at a 2 MiB-aligned address",
+                ),
             });
         }
         self.map
