@@ -14,44 +14,18 @@
  *   echo 9 > /sys/module/page_reporting/parameters/page_reporting_order
  */
 #define _GNU_SOURCE
-#include <stdint.h>
-#include <stdio.h>
-#include <stdlib.h>
-#include <sys/mman.h>
-#include <time.h>
+#include "floor.h"
 
 #ifndef MADV_COLLAPSE
 #define MADV_COLLAPSE 25
 #endif
-#define HUGE (2UL << 20)
 #define SIZE (1UL << 30)
-
-static double now(void)
-{
-    struct timespec t;
-    clock_gettime(CLOCK_MONOTONIC, &t);
-    return t.tv_sec + t.tv_nsec * 1e-9;
-}
-
-/* SIZE bytes, 2 MiB-aligned, with `advice`; *raw is what to unmap. */
-static char *aligned_map(int advice, char **raw)
-{
-    char *p = mmap(0, SIZE + HUGE, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-    if (p == MAP_FAILED) {
-        perror("mmap");
-        exit(1);
-    }
-    *raw = p;
-    p = (char *)(((uintptr_t)p + HUGE - 1) & ~(HUGE - 1));
-    madvise(p, SIZE, advice);
-    return p;
-}
 
 int main(void)
 {
     char *raw;
     for (int r = 0; r < 5; r++) {
-        char *p = aligned_map(MADV_HUGEPAGE, &raw);
+        char *p = aligned_map(SIZE, MADV_HUGEPAGE, &raw);
         double t = now();
         for (size_t o = 0; o < SIZE; o += 4096)
             p[o] = 1;
@@ -60,7 +34,7 @@ int main(void)
         munmap(raw, SIZE + HUGE);
     }
     for (int r = 0; r < 6; r++) {
-        char *p = aligned_map(MADV_NOHUGEPAGE, &raw);
+        char *p = aligned_map(SIZE, MADV_NOHUGEPAGE, &raw);
         for (size_t o = 0; o < SIZE; o += 4096)
             p[o] = 1;
         madvise(p, SIZE, MADV_HUGEPAGE);

@@ -15,16 +15,13 @@
  *   benches/quiet.sh /tmp/thp_install
  */
 #define _GNU_SOURCE
+#include "floor.h"
+
 #include <fcntl.h>
 #include <linux/userfaultfd.h>
-#include <stdint.h>
-#include <stdio.h>
-#include <stdlib.h>
 #include <string.h>
 #include <sys/ioctl.h>
-#include <sys/mman.h>
 #include <sys/syscall.h>
-#include <time.h>
 #include <unistd.h>
 
 #ifndef MADV_COLLAPSE
@@ -36,27 +33,7 @@ struct move_arg {
     int64_t move;
 };
 #define IOCTL_MOVE _IOWR(UFFDIO, 0x05, struct move_arg)
-#define HUGE (2UL << 20)
 #define SIZE (1UL << 30)
-
-static double now(void)
-{
-    struct timespec t;
-    clock_gettime(CLOCK_MONOTONIC, &t);
-    return t.tv_sec + t.tv_nsec * 1e-9;
-}
-
-static char *aligned_map(size_t len)
-{
-    char *p = mmap(0, len + HUGE, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-    if (p == MAP_FAILED) {
-        perror("mmap");
-        exit(1);
-    }
-    p = (char *)(((uintptr_t)p + HUGE - 1) & ~(HUGE - 1));
-    madvise(p, len, MADV_HUGEPAGE);
-    return p;
-}
 
 static long anon_huge_kib(void)
 {
@@ -95,57 +72,75 @@ static int same(const char *g, const char *src)
     return 1;
 }
 
+/* 1 GiB of THP guest memory, registered for missing faults. */
+struct target {
+    char *g, *raw;
+    int uffd;
+    long huge_kib;
+    double started;
+};
+
+static struct target open_target(void)
+{
+    struct target t;
+    t.g = aligned_map(SIZE, MADV_HUGEPAGE, &t.raw);
+    t.uffd = registered(t.g);
+    t.huge_kib = anon_huge_kib();
+    t.started = now();
+    return t;
+}
+
+/* Prints how `how` did (`part` of it spent in `part_s`), checks the bytes,
+ * and unmaps the target. */
+static void close_target(struct target *t, const char *how, const char *part, double part_s,
+                         const char *src)
+{
+    double s = now() - t->started;
+    printf("%-9s %.3f s (%.2f GB/s), of which %s %.3f s; +%ld MiB huge; bytes %s\n", how, s,
+           SIZE / s / 1e9, part, part_s, (anon_huge_kib() - t->huge_kib) >> 10,
+           same(t->g, src) ? "ok" : "WRONG");
+    close(t->uffd);
+    munmap(t->raw, SIZE + HUGE);
+}
+
 int main(void)
 {
-    char *src = aligned_map(HUGE);
+    char *raw;
+    char *src = aligned_map(HUGE, MADV_HUGEPAGE, &raw);
     for (size_t i = 0; i < HUGE; i++)
         src[i] = (char)(i * 7 + 3);
+    char *stage = aligned_map(HUGE, MADV_HUGEPAGE, &raw);
     for (int rep = 0; rep < 3; rep++) {
-        char *g = aligned_map(SIZE);
-        int u = registered(g);
-        char *stage = aligned_map(HUGE);
-        long h0 = anon_huge_kib();
-        double t0 = now(), moving = 0;
+        struct target t = open_target();
+        double moving = 0;
         for (size_t o = 0; o < SIZE; o += HUGE) {
             memcpy(stage, src, HUGE);
             double a = now();
-            struct move_arg m = {(uintptr_t)g + o, (uintptr_t)stage, HUGE, 0, 0};
-            if (ioctl(u, IOCTL_MOVE, &m)) {
+            struct move_arg m = {(uintptr_t)t.g + o, (uintptr_t)stage, HUGE, 0, 0};
+            if (ioctl(t.uffd, IOCTL_MOVE, &m)) {
                 perror("UFFDIO_MOVE");
                 exit(1);
             }
             moving += now() - a;
         }
-        double t1 = now();
-        printf("move:     %.3f s (%.2f GB/s), of which UFFDIO_MOVE %.3f s; +%ld MiB huge; bytes %s\n",
-               t1 - t0, SIZE / (t1 - t0) / 1e9, moving, (anon_huge_kib() - h0) >> 10,
-               same(g, src) ? "ok" : "WRONG");
-        close(u);
-        munmap(g, SIZE);
+        close_target(&t, "move:", "UFFDIO_MOVE", moving, src);
 
-        g = aligned_map(SIZE);
-        u = registered(g);
-        h0 = anon_huge_kib();
-        double c0 = now(), collapsing = 0;
+        t = open_target();
+        double collapsing = 0;
         for (size_t o = 0; o < SIZE; o += HUGE) {
             for (size_t k = 0; k < HUGE; k += 256 << 10) {
-                struct uffdio_copy c = {(uintptr_t)g + o + k, (uintptr_t)src + k, 256 << 10, 0, 0};
-                if (ioctl(u, UFFDIO_COPY, &c)) {
+                struct uffdio_copy c = {(uintptr_t)t.g + o + k, (uintptr_t)src + k, 256 << 10, 0, 0};
+                if (ioctl(t.uffd, UFFDIO_COPY, &c)) {
                     perror("UFFDIO_COPY");
                     exit(1);
                 }
             }
             double a = now();
-            if (madvise(g + o, HUGE, MADV_COLLAPSE))
+            if (madvise(t.g + o, HUGE, MADV_COLLAPSE))
                 perror("MADV_COLLAPSE");
             collapsing += now() - a;
         }
-        double c1 = now();
-        printf("collapse: %.3f s (%.2f GB/s), of which MADV_COLLAPSE %.3f s; +%ld MiB huge; bytes %s\n",
-               c1 - c0, SIZE / (c1 - c0) / 1e9, collapsing, (anon_huge_kib() - h0) >> 10,
-               same(g, src) ? "ok" : "WRONG");
-        close(u);
-        munmap(g, SIZE);
+        close_target(&t, "collapse:", "MADV_COLLAPSE", collapsing, src);
     }
     return 0;
 }

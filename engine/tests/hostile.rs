@@ -356,6 +356,30 @@ fn resume_with_another_layout_is_refused() {
         .unwrap_or_else(|_| panic!("the hostile source panicked"));
 }
 
+/// A destination's demand lane to the source child `src`, authenticated
+/// (MAC, AES-256-GCM) for session `session`, and the layout it announced.
+fn demand_lane(src: &SourceChild, session: [u8; 16]) -> (Framed, Layout) {
+    let link = Link {
+        addr: src.addr.clone(),
+        key: key(),
+        session,
+        protection: Protection::Mac,
+        cipher: Cipher::Aes256Gcm,
+        bulk_channels: 1,
+        moving: false,
+        connect_patience: Duration::from_secs(5),
+        verify: false,
+    };
+    link.open(
+        Lane::Demand,
+        0,
+        false,
+        Duration::from_secs(5),
+        Duration::from_secs(10),
+    )
+    .unwrap_or_else(|e| panic!("handshake: {}", error_chain(&e)))
+}
+
 /// A destination that sends `Complete` and, in the same write, a `Demand`
 /// (which the source refuses after `Complete`). The source must answer with
 /// its `CompleteAck` and then the `Error` naming the violation, in that order
@@ -369,26 +393,7 @@ fn a_demand_after_complete_is_refused_with_its_reason_in_order() {
     let _g = serial();
     let spec = VmSpec::dense(4 * MIB, 5);
     let src = SourceChild::spawn("source_child", &spec, KEY_A);
-    let link = Link {
-        addr: src.addr.clone(),
-        key: key(),
-        session: [7; 16],
-        protection: Protection::Mac,
-        cipher: Cipher::Aes256Gcm,
-        bulk_channels: 1,
-        moving: false,
-        connect_patience: Duration::from_secs(5),
-        verify: false,
-    };
-    let (mut demand, layout) = link
-        .open(
-            Lane::Demand,
-            0,
-            false,
-            Duration::from_secs(5),
-            Duration::from_secs(10),
-        )
-        .unwrap_or_else(|e| panic!("handshake: {}", error_chain(&e)));
+    let (mut demand, layout) = demand_lane(&src, [7; 16]);
     let mut bytes = Vec::new();
     for m in [
         Message::Complete(Complete {
@@ -581,26 +586,7 @@ fn a_whole_range_demand_is_answered_in_one_frame() {
     let _g = serial();
     let spec = VmSpec::dense(4 * MIB, 6);
     let src = SourceChild::spawn("source_child", &spec, KEY_A);
-    let link = Link {
-        addr: src.addr.clone(),
-        key: key(),
-        session: [9; 16],
-        protection: Protection::Mac,
-        cipher: Cipher::Aes256Gcm,
-        bulk_channels: 1,
-        moving: false,
-        connect_patience: Duration::from_secs(5),
-        verify: false,
-    };
-    let (mut demand, layout) = link
-        .open(
-            Lane::Demand,
-            0,
-            false,
-            Duration::from_secs(5),
-            Duration::from_secs(10),
-        )
-        .unwrap_or_else(|e| panic!("handshake: {}", error_chain(&e)));
+    let (mut demand, layout) = demand_lane(&src, [9; 16]);
     demand
         .stream
         .set_read_timeout(Some(Duration::from_secs(10)))

@@ -10,8 +10,8 @@ use ringfault_engine::sys::uffd::{Features, RegisterMode, Uffd, UffdOptions};
 use ringfault_engine::{Destination, DestinationConfig, EngineError, InstallMode, Protection};
 use ringfault_proto::auth::PresharedKey;
 use ringfault_testkit::{
-    env_u64, error_chain, require, serial, source_child_main, verify, SourceChild, VmSpec,
-    Workload, KEY_A, KEY_B, MIB, PAGE,
+    env_u64, error_chain, require, serial, source_child_main, uffd_move_supported, verify,
+    SourceChild, VmSpec, Workload, KEY_A, KEY_B, MIB, PAGE,
 };
 
 /// The source child's entry point: does nothing unless started by `SourceChild`.
@@ -131,9 +131,7 @@ fn four_channels_copy() {
 #[test]
 fn move_install() {
     require!(
-        Uffd::probe()
-            .map(|f| f.contains(Features::MOVE))
-            .unwrap_or(false),
+        uffd_move_supported(),
         "this kernel has no UFFDIO_MOVE (needs Linux 6.8)"
     );
     migrate(Case {

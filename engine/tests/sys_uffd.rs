@@ -11,7 +11,7 @@ use ringfault_engine::sys::uffd::{
     Event, Features, Installed, Ioctls, RegisterMode, Uffd, UffdError, UffdMsg, UffdOptions,
     PAGEFAULT_FLAG_WRITE,
 };
-use ringfault_testkit::{populated_pages, require, skip};
+use ringfault_testkit::{populated_pages, require, skip, uffd_move_supported};
 
 type TestResult = Result<(), Box<dyn Error>>;
 
@@ -148,9 +148,8 @@ fn write_fault_flags_and_zeropage() -> TestResult {
 
 #[test]
 fn move_installs_without_copy() -> TestResult {
-    let supported = Uffd::probe()?;
     require!(
-        supported.contains(Features::MOVE),
+        uffd_move_supported(),
         "UFFD_FEATURE_MOVE missing (needs Linux 6.8)"
     );
     let (uffd, m) = setup(Features::MOVE, 4)?;
@@ -202,9 +201,8 @@ fn move_installs_without_copy() -> TestResult {
 /// and leaves it alone.
 #[test]
 fn huge_stage_moves_a_whole_huge_page() -> TestResult {
-    let supported = Uffd::probe()?;
     require!(
-        supported.contains(Features::MOVE),
+        uffd_move_supported(),
         "UFFD_FEATURE_MOVE missing (needs Linux 6.8)"
     );
     let thp =

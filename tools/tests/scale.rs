@@ -155,36 +155,58 @@ fn huge_pool_too_small_names_the_sysctl() {
     );
 }
 
-#[test]
-fn huge_transparent_huge_pages_are_kept_on_the_destination() {
-    let _g = serial();
+/// A `ringfault bench` run on transparent huge pages, and its huge-page
+/// figures.
+struct ThpRun {
+    report: serde_json::Value,
+    /// `AnonHugePages` of the source's guest memory, bytes.
+    src: u64,
+    /// 2 MiB ranges the destination installed whole.
+    moved: u64,
+}
+
+/// Runs `ringfault bench ARGS` (see [`bench`]) and requires the destination
+/// to end with at least 90% of the source's huge-page bytes. `Err`: why the
+/// run says nothing here (THP off, or the source got no huge pages).
+fn thp_bench(name: &str, args: &[&str]) -> Result<ThpRun, String> {
     let enabled =
         std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/enabled").unwrap_or_default();
     if !(enabled.contains("[madvise]") || enabled.contains("[always]")) {
-        skip!("transparent huge pages are off here ({})", enabled.trim());
+        return Err(format!(
+            "transparent huge pages are off here ({})",
+            enabled.trim()
+        ));
     }
-    // The keeper collapses the last ranges once every page arrived: a tail
-    // of a second leaves it time to.
-    let v = bench(
-        "thp",
-        &["--size", "256M", "--pattern", "idle", "--tail", "1s"],
-    );
-    let h = &v["ringfault"]["huge_pages"];
+    let report = bench(name, args);
+    let h = &report["ringfault"]["huge_pages"];
     let src = h["source_bytes"].as_u64().unwrap_or(0);
     let dst = h["destination_bytes"].as_u64().unwrap_or(0);
-    eprintln!("AnonHugePages: source {src}, destination {dst}");
-    require!(
-        src > 0,
-        "the source's memory got no transparent huge pages (none free?)"
-    );
+    let moved = h["moved_whole"].as_u64().unwrap_or(0);
+    eprintln!("AnonHugePages: source {src}, destination {dst}; 2 MiB ranges moved whole: {moved}");
+    if src == 0 {
+        return Err("the source's memory got no transparent huge pages (none free?)".into());
+    }
     assert!(
         dst * 10 >= src * 9,
         "the destination kept {dst} of the source's {src} bytes of huge pages"
     );
+    Ok(ThpRun { report, src, moved })
+}
+
+#[test]
+fn huge_transparent_huge_pages_are_kept_on_the_destination() {
+    let _g = serial();
+    // The keeper collapses the last ranges once every page arrived: a tail
+    // of a second leaves it time to.
+    let ThpRun { src, moved, .. } = match thp_bench(
+        "thp",
+        &["--size", "256M", "--pattern", "idle", "--tail", "1s"],
+    ) {
+        Ok(r) => r,
+        Err(why) => skip!("{why}"),
+    };
     // Nothing faults during an idle run, so every 2 MiB range arrives whole
     // and is installed as one huge page by `UFFDIO_MOVE`: none is collapsed.
-    let moved = h["moved_whole"].as_u64().unwrap_or(0);
-    eprintln!("2 MiB ranges moved whole: {moved}");
     require!(
         uffd_move_supported(),
         "this kernel has no UFFDIO_MOVE (needs Linux 6.8): ranges are collapsed instead"
@@ -204,12 +226,7 @@ fn huge_transparent_huge_pages_are_kept_on_the_destination() {
 #[test]
 fn huge_pages_of_faulted_ranges_are_kept() {
     let _g = serial();
-    let enabled =
-        std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/enabled").unwrap_or_default();
-    if !(enabled.contains("[madvise]") || enabled.contains("[always]")) {
-        skip!("transparent huge pages are off here ({})", enabled.trim());
-    }
-    let v = bench(
+    let ThpRun { report, moved, .. } = match thp_bench(
         "thp-faults",
         &[
             "--size",
@@ -219,23 +236,12 @@ fn huge_pages_of_faulted_ranges_are_kept() {
             "--tail",
             "1s",
         ],
-    );
-    let h = &v["ringfault"]["huge_pages"];
-    let src = h["source_bytes"].as_u64().unwrap_or(0);
-    let dst = h["destination_bytes"].as_u64().unwrap_or(0);
-    let moved = h["moved_whole"].as_u64().unwrap_or(0);
-    let demand = v["ringfault"]["pages"]["demand"].as_u64().unwrap_or(0);
-    eprintln!(
-        "AnonHugePages: source {src}, destination {dst}; moved whole {moved}; demand pages {demand}"
-    );
-    require!(
-        src > 0,
-        "the source's memory got no transparent huge pages (none free?)"
-    );
-    assert!(
-        dst * 10 >= src * 9,
-        "the destination kept {dst} of the source's {src} bytes of huge pages"
-    );
+    ) {
+        Ok(r) => r,
+        Err(why) => skip!("{why}"),
+    };
+    let demand = report["ringfault"]["pages"]["demand"].as_u64().unwrap_or(0);
+    eprintln!("demand pages {demand}");
     require!(
         uffd_move_supported(),
         "this kernel has no UFFDIO_MOVE (needs Linux 6.8)"
@@ -253,12 +259,7 @@ fn huge_pages_of_faulted_ranges_are_kept() {
 #[test]
 fn huge_pages_installed_in_4k_pages_are_collapsed() {
     let _g = serial();
-    let enabled =
-        std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/enabled").unwrap_or_default();
-    if !(enabled.contains("[madvise]") || enabled.contains("[always]")) {
-        skip!("transparent huge pages are off here ({})", enabled.trim());
-    }
-    let v = bench(
+    let ThpRun { moved, .. } = match thp_bench(
         "thp-collapse",
         &[
             "--size",
@@ -270,21 +271,11 @@ fn huge_pages_installed_in_4k_pages_are_collapsed() {
             "--tail",
             "1s",
         ],
-    );
-    let h = &v["ringfault"]["huge_pages"];
-    let src = h["source_bytes"].as_u64().unwrap_or(0);
-    let dst = h["destination_bytes"].as_u64().unwrap_or(0);
-    let moved = h["moved_whole"].as_u64().unwrap_or(0);
-    eprintln!("AnonHugePages: source {src}, destination {dst}; moved whole {moved}");
-    require!(
-        src > 0,
-        "the source's memory got no transparent huge pages (none free?)"
-    );
+    ) {
+        Ok(r) => r,
+        Err(why) => skip!("{why}"),
+    };
     assert_eq!(moved, 0, "frames of 256 pages were installed whole");
-    assert!(
-        dst * 10 >= src * 9,
-        "the keeper collapsed {dst} of the source's {src} bytes of huge pages"
-    );
 }
 
 #[test]
