@@ -296,7 +296,7 @@ pub struct DestinationReport {
     pub channels: Vec<ChannelReport>,
     /// Frame protection: `none`, `mac` or `aead`.
     pub protection: String,
-    /// Its AEAD: `aes-256-gcm` or `chacha20-poly1305` (empty under `none`).
+    /// Its AEAD: `aegis-128l`, `aes-256-gcm` or `chacha20-poly1305` (empty under `none`).
     pub cipher: String,
     /// Resumes after a broken link.
     pub resumes: u32,

@@ -219,7 +219,7 @@ struct Attacked {
 }
 
 fn attacked(seed: u64, attack: Attack, protection: Protection) -> Attacked {
-    attacked_with(seed, attack, protection, Cipher::Aes256Gcm)
+    attacked_with(seed, attack, protection, Cipher::for_this_cpu())
 }
 
 fn attacked_with(seed: u64, attack: Attack, protection: Protection, cipher: Cipher) -> Attacked {
@@ -346,6 +346,31 @@ fn tamper_chacha20_poly1305_flipped_bit_is_detected() {
         Attack::FlipPayloadBit { nth: 3 },
         Protection::Mac,
         Cipher::ChaCha20Poly1305,
+    );
+    assert!(
+        matches!(
+            &a.err,
+            EngineError::Integrity { lane, source: SealError::BadTag { seq } }
+                if *lane == LaneId::bulk(1) && *seq == a.tampering.seq
+        ),
+        "{:?} (tampered: {:?})",
+        a.err,
+        a.tampering
+    );
+    source_was_told(a.source, "integrity check failed on the bulk lane 1");
+}
+
+#[test]
+fn tamper_aes_256_gcm_flipped_bit_is_detected() {
+    // The destination proposes AES-256-GCM (`--cipher aes-256-gcm`); the
+    // source accepts it. Pages arrive and verify until the proxy flips a
+    // bit, which fails that frame's tag.
+    let _g = serial();
+    let a = attacked_with(
+        43,
+        Attack::FlipPayloadBit { nth: 3 },
+        Protection::Mac,
+        Cipher::Aes256Gcm,
     );
     assert!(
         matches!(

@@ -18,11 +18,7 @@ fuzz_target!(|data: &[u8]| {
         return;
     };
     let mode = MODES[usize::from(selector) % MODES.len()];
-    let cipher = if (selector / 3) % 2 == 0 {
-        Cipher::Aes256Gcm
-    } else {
-        Cipher::ChaCha20Poly1305
-    };
+    let cipher = Cipher::ALL[usize::from(selector / 3) % Cipher::ALL.len()];
     let key = [key_byte; 32];
     let head_len = usize::from(u16::from_le_bytes([l0, l1])).min(rest.len());
     let (head, tail) = rest.split_at(head_len);

@@ -3,7 +3,7 @@ use std::time::Instant;
 fn main() {
     let payload = vec![0x5au8; 1 << 20];
     let head = [1u8; 40];
-    for (cipher, mode) in [Cipher::Aes256Gcm, Cipher::ChaCha20Poly1305]
+    for (cipher, mode) in Cipher::ALL
         .into_iter()
         .flat_map(|c| [(c, Protection::Mac), (c, Protection::Aead)])
     {

@@ -63,9 +63,12 @@ pub enum Integrity {
 )]
 #[serde(rename_all = "kebab-case")]
 pub enum CipherChoice {
-    /// AES-256-GCM where the CPU has AES and carry-less multiply
-    /// instructions, ChaCha20-Poly1305 elsewhere.
+    /// AEGIS-128L where the CPU has AES instructions, ChaCha20-Poly1305
+    /// elsewhere.
     Auto,
+    /// AEGIS-128L.
+    #[value(name = "aegis-128l")]
+    Aegis128l,
     /// AES-256-GCM.
     #[value(name = "aes-256-gcm")]
     Aes256Gcm,
@@ -79,6 +82,7 @@ impl CipherChoice {
     pub fn cipher(self) -> ringfault_engine::Cipher {
         match self {
             CipherChoice::Auto => ringfault_engine::Cipher::for_this_cpu(),
+            CipherChoice::Aegis128l => ringfault_engine::Cipher::Aegis128L,
             CipherChoice::Aes256Gcm => ringfault_engine::Cipher::Aes256Gcm,
             CipherChoice::Chacha20Poly1305 => ringfault_engine::Cipher::ChaCha20Poly1305,
         }
@@ -229,9 +233,8 @@ pub struct DestOptions {
     #[arg(long, default_value_t = 64)]
     pub demand_burst: u32,
     /// The AEAD behind frame tags and `--encrypt`, which the destination
-    /// chooses (the source accepts either): `auto` takes AES-256-GCM where
-    /// the CPU has AES and carry-less multiply instructions,
-    /// ChaCha20-Poly1305 elsewhere.
+    /// chooses (the source accepts any): `auto` takes AEGIS-128L where the
+    /// CPU has AES instructions, ChaCha20-Poly1305 elsewhere.
     #[arg(long, value_enum, default_value = "auto")]
     pub cipher: CipherChoice,
     /// Options of both ends.

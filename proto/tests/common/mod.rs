@@ -116,7 +116,7 @@ pub fn arb_hello() -> impl Strategy<Value = Hello> {
         any::<u64>(),
         any::<[u8; 16]>(),
         any::<bool>(),
-        (arb_protection(), any::<bool>()),
+        (arb_protection(), 0..Cipher::ALL.len()),
         prop_oneof![Just(0u8), Just(LANE_ALIGN_PAYLOAD)],
         any::<[u8; 32]>(),
     )
@@ -127,7 +127,7 @@ pub fn arb_hello() -> impl Strategy<Value = Hello> {
                 caps,
                 session,
                 resume,
-                (protection, chacha),
+                (protection, cipher),
                 lane_flags,
                 nonce,
             )| Hello {
@@ -140,10 +140,10 @@ pub fn arb_hello() -> impl Strategy<Value = Hello> {
                 session,
                 resume,
                 protection,
-                cipher: if chacha && protection != Protection::None {
-                    Cipher::ChaCha20Poly1305
+                cipher: if protection == Protection::None {
+                    Cipher::default()
                 } else {
-                    Cipher::Aes256Gcm
+                    Cipher::ALL[cipher]
                 },
                 lane_flags,
                 nonce,
@@ -155,22 +155,18 @@ pub fn arb_challenge() -> impl Strategy<Value = Challenge> {
     (
         any::<u64>(),
         any::<[u8; 16]>(),
-        (arb_protection(), any::<bool>()),
+        (arb_protection(), 0..Cipher::ALL.len()),
         any::<[u8; 32]>(),
         any::<[u8; 32]>(),
     )
         .prop_map(
-            |(caps, session, (protection, chacha), nonce, mac)| Challenge {
+            |(caps, session, (protection, cipher), nonce, mac)| Challenge {
                 version: VERSION,
                 role: Role::Source,
                 capabilities: Capabilities(caps),
                 session,
                 protection,
-                cipher: if chacha {
-                    Cipher::ChaCha20Poly1305
-                } else {
-                    Cipher::Aes256Gcm
-                },
+                cipher: Cipher::ALL[cipher],
                 nonce,
                 mac,
             },

@@ -171,7 +171,7 @@ pub struct RunResult {
     pub recv_in_flight_min: Option<usize>,
     /// Frame protection used.
     pub protection: String,
-    /// Its AEAD: `aes-256-gcm` or `chacha20-poly1305` (empty under `none`).
+    /// Its AEAD: `aegis-128l`, `aes-256-gcm` or `chacha20-poly1305` (empty under `none`).
     pub cipher: String,
     /// Bytes of page-state metadata on the destination.
     pub metadata_bytes: u64,
