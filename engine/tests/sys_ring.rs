@@ -161,6 +161,68 @@ fn a_hidden_opcode_is_named_by_the_probe_and_refused_by_both_ends() -> TestResul
 // Stream rings
 // ---------------------------------------------------------------------------
 
+/// The destination's bulk worker runs a `DEFER_TASKRUN` ring and, while it
+/// has work, enters it without waiting: those entries must still bring
+/// completions (deferred work runs only when an entry asks for it, which
+/// needs the kernel's pending-work flag), or a busy worker would never see
+/// another byte. Every byte arrives, in order, with no waiting entry.
+#[test]
+fn a_deferred_ring_delivers_receives_to_a_thread_that_never_waits() -> TestResult {
+    require!(
+        Opcodes::probe()?.has(Op::Recv),
+        "no multishot RECV (needs Linux 6.0)"
+    );
+    let (mut tx, rx) = tcp_pair()?;
+    let mut ring = Ring::deferred(16)?;
+    let sid = match ring.add_stream(StreamRing::new(4096, 4, false)?) {
+        Ok(id) => id,
+        Err(RingError::Unsupported { opcode, needs }) => skip!("{opcode} needs {needs}"),
+        Err(e) => return Err(e.into()),
+    };
+    ring.recv_multishot(rx.as_fd(), sid, 3)?;
+    let total = 5 * 4096 + 77;
+    let sent: Vec<u8> = (0..total).map(stream_byte).collect();
+    let writer = std::thread::spawn(move || tx.write_all(&sent));
+    let (mut pos, mut events) = (0usize, Vec::new());
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while pos < total {
+        assert!(
+            Instant::now() < deadline,
+            "byte {pos} of {total}: a non-waiting entry brought no completion"
+        );
+        ring.submit()?;
+        ring.events(&mut events)?;
+        let mut rearm = false;
+        for ev in events.drain(..) {
+            match ev {
+                Event::Received { token: 3, .. } => {}
+                Event::ReceiveEnded {
+                    token: 3, result, ..
+                } => match result {
+                    Ok(false) => rearm = true,
+                    Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) => rearm = true,
+                    Ok(true) => {}
+                    Err(e) => return Err(e.into()),
+                },
+                other => return Err(format!("unexpected {other:?}").into()),
+            }
+        }
+        let s = ring.stream_mut(sid);
+        let n = s.available();
+        for (i, &b) in s.readable()[..n].iter().enumerate() {
+            assert_eq!(b, stream_byte(pos + i), "byte {}", pos + i);
+        }
+        s.consume(n);
+        pos += n;
+        if rearm && pos < total {
+            ring.recv_multishot(rx.as_fd(), sid, 3)?;
+        }
+        std::thread::yield_now();
+    }
+    writer.join().map_err(|_| "writer panicked")??;
+    Ok(())
+}
+
 #[test]
 fn a_stream_ring_delivers_bytes_contiguously_across_its_wrap() -> TestResult {
     require!(

@@ -218,7 +218,7 @@ pub fn run_worker(
         cfg.core.unwrap_or(0),
         cfg.class,
     );
-    let mut ring = Ring::new(64)?;
+    let mut ring = Ring::deferred(64)?;
     let mut bulk = BulkLane::new(link, &mut ring, buf, 1, started)?;
     let mut events = Vec::with_capacity(64);
     let mut lap = crate::stats::Lap::start();
