@@ -326,7 +326,11 @@ impl Keyed {
                 .map(|_| ())
                 .map_err(|_| SealError::BadTag { seq }),
             Keyed::Aegis { key, .. } => {
-                let split = payload_and_tag.len() - TAG_LEN;
+                let have = payload_and_tag.len();
+                let split = have.checked_sub(TAG_LEN).ok_or(SealError::Short {
+                    need: TAG_LEN,
+                    have,
+                })?;
                 let (payload, tag) = payload_and_tag.split_at_mut(split);
                 let mut t = [0u8; TAG_LEN];
                 t.copy_from_slice(tag);
