@@ -46,6 +46,28 @@ fn turn(ring: &mut Ring, out: &mut Vec<Event>) -> Result<(), RingError> {
     ring.events(out)
 }
 
+/// Drains the events of the multishot receive `token`: whether it ended and
+/// must be re-armed (stopped, or out of buffers), and whether it met the end
+/// of the stream. Any other event or error fails the test.
+fn receive_events(events: &mut Vec<Event>, token: u32) -> Result<(bool, bool), Box<dyn Error>> {
+    let (mut rearm, mut eof) = (false, false);
+    for ev in events.drain(..) {
+        match ev {
+            Event::Received { token: t, .. } if t == token => {}
+            Event::ReceiveEnded {
+                token: t, result, ..
+            } if t == token => match result {
+                Ok(false) => rearm = true,
+                Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) => rearm = true,
+                Ok(true) => eof = true,
+                Err(e) => return Err(e.into()),
+            },
+            other => return Err(format!("unexpected {other:?}").into()),
+        }
+    }
+    Ok((rearm, eof))
+}
+
 // ---------------------------------------------------------------------------
 // The opcode probe
 // ---------------------------------------------------------------------------
@@ -192,21 +214,7 @@ fn a_deferred_ring_delivers_receives_to_a_thread_that_never_waits() -> TestResul
         );
         ring.submit()?;
         ring.events(&mut events)?;
-        let mut rearm = false;
-        for ev in events.drain(..) {
-            match ev {
-                Event::Received { token: 3, .. } => {}
-                Event::ReceiveEnded {
-                    token: 3, result, ..
-                } => match result {
-                    Ok(false) => rearm = true,
-                    Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) => rearm = true,
-                    Ok(true) => {}
-                    Err(e) => return Err(e.into()),
-                },
-                other => return Err(format!("unexpected {other:?}").into()),
-            }
-        }
+        let (rearm, _eof) = receive_events(&mut events, 3)?;
         let s = ring.stream_mut(sid);
         let n = s.available();
         for (i, &b) in s.readable()[..n].iter().enumerate() {
@@ -269,21 +277,8 @@ fn a_stream_ring_delivers_bytes_contiguously_across_its_wrap() -> TestResult {
             "stalled at byte {pos} of {total}"
         );
         turn(&mut ring, &mut events)?;
-        let mut rearm = false;
-        for ev in events.drain(..) {
-            match ev {
-                Event::Received { token: 7, .. } => {}
-                Event::ReceiveEnded {
-                    token: 7, result, ..
-                } => match result {
-                    Ok(false) => rearm = true,
-                    Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) => rearm = true,
-                    Ok(true) => eof = true,
-                    Err(e) => return Err(e.into()),
-                },
-                other => return Err(format!("unexpected {other:?}").into()),
-            }
-        }
+        let (rearm, ended) = receive_events(&mut events, 7)?;
+        eof |= ended;
         let s = ring.stream_mut(sid);
         while s.available() >= bites[nbite % bites.len()] || (eof && s.available() > 0) {
             assert_eq!(s.position(), pos as u64);

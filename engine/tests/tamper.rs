@@ -210,6 +210,21 @@ fn populated_pages_are_the_sources(spec: &VmSpec, region: &GuestRegion) -> usize
     pages.len()
 }
 
+/// The attack failed the tag of the tampered frame on bulk lane 1, and
+/// nothing else stopped the session first.
+fn assert_bulk_tag_failed(a: &Attacked) {
+    assert!(
+        matches!(
+            &a.err,
+            EngineError::Integrity { lane, source: SealError::BadTag { seq } }
+                if *lane == LaneId::bulk(1) && *seq == a.tampering.seq
+        ),
+        "{:?} (tampered: {:?})",
+        a.err,
+        a.tampering
+    );
+}
+
 /// A migration through a proxy that runs `attack`; returns the destination's
 /// error and checks what every attack must leave behind.
 struct Attacked {
@@ -293,16 +308,7 @@ fn tamper_flipped_payload_bit_fails_its_tag_and_is_not_installed() {
     let _g = serial();
     let a = attacked(31, Attack::FlipPayloadBit { nth: 3 }, Protection::Mac);
     assert_eq!((a.tampering.lane, a.tampering.channel), (Lane::Bulk, 1));
-    assert!(
-        matches!(
-            &a.err,
-            EngineError::Integrity { lane, source: SealError::BadTag { seq } }
-                if *lane == LaneId::bulk(1) && *seq == a.tampering.seq
-        ),
-        "{:?} (tampered: {:?})",
-        a.err,
-        a.tampering
-    );
+    assert_bulk_tag_failed(&a);
     let msg = error_chain(&a.err);
     assert!(
         msg.contains("integrity check failed on the bulk lane 1"),
@@ -317,72 +323,39 @@ fn tamper_flipped_payload_bit_fails_its_tag_and_is_not_installed() {
 
 #[test]
 fn tamper_flipped_payload_bit_under_encryption_fails_its_tag() {
-    // `--encrypt`: the payload is AES-256-GCM ciphertext; a flipped bit
+    // `--encrypt`: the payload is ciphertext of the default cipher; a flipped bit
     // fails the same tag check, and nothing of the frame is installed.
     let _g = serial();
     let a = attacked(37, Attack::FlipPayloadBit { nth: 3 }, Protection::Aead);
     assert_eq!((a.tampering.lane, a.tampering.channel), (Lane::Bulk, 1));
-    assert!(
-        matches!(
-            &a.err,
-            EngineError::Integrity { lane, source: SealError::BadTag { seq } }
-                if *lane == LaneId::bulk(1) && *seq == a.tampering.seq
-        ),
-        "{:?} (tampered: {:?})",
-        a.err,
-        a.tampering
+    assert_bulk_tag_failed(&a);
+    source_was_told(a.source, "integrity check failed on the bulk lane 1");
+}
+
+/// The destination proposes `cipher`; the source accepts it. Pages arrive
+/// and verify until the proxy flips a bit, which fails that frame's tag.
+fn flipped_bit_is_detected_under(seed: u64, cipher: Cipher) {
+    let _g = serial();
+    let a = attacked_with(
+        seed,
+        Attack::FlipPayloadBit { nth: 3 },
+        Protection::Mac,
+        cipher,
     );
+    assert_bulk_tag_failed(&a);
     source_was_told(a.source, "integrity check failed on the bulk lane 1");
 }
 
 #[test]
 fn tamper_chacha20_poly1305_flipped_bit_is_detected() {
-    // The destination proposes ChaCha20-Poly1305 (as on a CPU without AES
-    // instructions); the source accepts it. Pages arrive and verify until
-    // the proxy flips a bit, which fails that frame's tag.
-    let _g = serial();
-    let a = attacked_with(
-        41,
-        Attack::FlipPayloadBit { nth: 3 },
-        Protection::Mac,
-        Cipher::ChaCha20Poly1305,
-    );
-    assert!(
-        matches!(
-            &a.err,
-            EngineError::Integrity { lane, source: SealError::BadTag { seq } }
-                if *lane == LaneId::bulk(1) && *seq == a.tampering.seq
-        ),
-        "{:?} (tampered: {:?})",
-        a.err,
-        a.tampering
-    );
-    source_was_told(a.source, "integrity check failed on the bulk lane 1");
+    // As on a CPU without AES instructions.
+    flipped_bit_is_detected_under(41, Cipher::ChaCha20Poly1305);
 }
 
 #[test]
 fn tamper_aes_256_gcm_flipped_bit_is_detected() {
-    // The destination proposes AES-256-GCM (`--cipher aes-256-gcm`); the
-    // source accepts it. Pages arrive and verify until the proxy flips a
-    // bit, which fails that frame's tag.
-    let _g = serial();
-    let a = attacked_with(
-        43,
-        Attack::FlipPayloadBit { nth: 3 },
-        Protection::Mac,
-        Cipher::Aes256Gcm,
-    );
-    assert!(
-        matches!(
-            &a.err,
-            EngineError::Integrity { lane, source: SealError::BadTag { seq } }
-                if *lane == LaneId::bulk(1) && *seq == a.tampering.seq
-        ),
-        "{:?} (tampered: {:?})",
-        a.err,
-        a.tampering
-    );
-    source_was_told(a.source, "integrity check failed on the bulk lane 1");
+    // `--cipher aes-256-gcm`.
+    flipped_bit_is_detected_under(43, Cipher::Aes256Gcm);
 }
 
 #[test]
@@ -436,16 +409,7 @@ fn tamper_replayed_frame_fails_its_tag() {
     let _g = serial();
     let a = attacked(34, Attack::Replay { nth: 2, later: 3 }, Protection::Mac);
     assert_eq!((a.tampering.lane, a.tampering.channel), (Lane::Bulk, 1));
-    assert!(
-        matches!(
-            &a.err,
-            EngineError::Integrity { lane, source: SealError::BadTag { seq } }
-                if *lane == LaneId::bulk(1) && *seq == a.tampering.seq
-        ),
-        "{:?} (tampered: {:?})",
-        a.err,
-        a.tampering
-    );
+    assert_bulk_tag_failed(&a);
     source_was_told(a.source, "integrity check failed on the bulk lane 1");
 }
 

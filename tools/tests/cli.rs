@@ -75,23 +75,44 @@ fn perf_cannot_sample(dir: &std::path::Path) -> Option<String> {
 
 const QUICK: [&str; 6] = ["--warmup", "300ms", "--tail", "200ms", "--quiet", "--size"];
 
-#[test]
-fn small_bench_verifies_and_writes_a_valid_report() {
-    let _g = serial();
-    let json = tmp("small.json");
-    let svg = tmp("small.svg");
+/// Runs `ringfault bench` with [`QUICK`] settings, `args` and `--json` into
+/// a file named `name`; asserts that it succeeded and returns its output and
+/// its JSON report.
+fn quick_bench(name: &str, args: &[&str]) -> (std::process::Output, serde_json::Value) {
+    let json = tmp(name);
     let out = bin()
         .arg("bench")
         .args(QUICK)
-        .args(["64M", "--compare", "classic", "--json"])
+        .args(args)
+        .arg("--json")
         .arg(&json)
-        .arg("--plot")
-        .arg(&svg)
         .output()
         .unwrap();
+    assert!(
+        out.status.success(),
+        "bench {args:?} failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    (out, v)
+}
+
+#[test]
+fn small_bench_verifies_and_writes_a_valid_report() {
+    let _g = serial();
+    let svg = tmp("small.svg");
+    let (out, v) = quick_bench(
+        "small.json",
+        &[
+            "64M",
+            "--compare",
+            "classic",
+            "--plot",
+            svg.to_str().unwrap(),
+        ],
+    );
     let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "bench failed:\n{stdout}\n{stderr}");
     let last = stdout.trim_end().lines().last().unwrap_or_default();
     assert!(
         last.starts_with("verified: yes"),
@@ -102,8 +123,6 @@ fn small_bench_verifies_and_writes_a_valid_report() {
         1,
         "`verified` is said once:\n{stdout}"
     );
-    let v: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
     assert_eq!(v["verified"], true);
     for run in ["ringfault", "classic"] {
         let r = &v[run];
@@ -201,21 +220,10 @@ fn a_unix_socket_run_verifies_and_leaves_no_socket() {
 fn cipher_chosen_by_name_runs_verifies_and_reports_it() {
     let _g = serial();
     for cipher in ["chacha20-poly1305", "aes-256-gcm"] {
-        let json = tmp(&format!("{cipher}.json"));
-        let out = bin()
-            .arg("bench")
-            .args(QUICK)
-            .args(["64M", "--encrypt", "--cipher", cipher, "--json"])
-            .arg(&json)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{cipher}: {}",
-            String::from_utf8_lossy(&out.stderr)
+        let (out, v) = quick_bench(
+            &format!("{cipher}.json"),
+            &["64M", "--encrypt", "--cipher", cipher],
         );
-        let v: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
         assert_eq!(v["verified"], true, "{cipher}");
         assert_eq!(v["ringfault"]["protection"], "aead");
         assert_eq!(v["ringfault"]["cipher"], cipher);
@@ -227,11 +235,9 @@ fn cipher_chosen_by_name_runs_verifies_and_reports_it() {
 #[test]
 fn sparse_vm_sends_ranges_not_data() {
     let _g = serial();
-    let json = tmp("sparse.json");
-    let out = bin()
-        .arg("bench")
-        .args(QUICK)
-        .args([
+    let (_, v) = quick_bench(
+        "sparse.json",
+        &[
             "64M",
             "--populated",
             "0.2",
@@ -242,18 +248,8 @@ fn sparse_vm_sends_ranges_not_data() {
             "--thp",
             "off",
             "--no-probe",
-            "--json",
-        ])
-        .arg(&json)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+        ],
     );
-    let v: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
     let r = &v["ringfault"];
     assert_eq!(r["verified"], true);
     // Pages the source's workload only read map the shared zero page, which the
