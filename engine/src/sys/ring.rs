@@ -337,12 +337,12 @@ impl Ring {
         let built = if defer {
             let mut d = b.clone();
             d.setup_defer_taskrun();
-            d.build(entries)
+            // Before 6.1: the same ring without deferral.
+            d.build(entries).or_else(|_| b.build(entries))
         } else {
             b.build(entries)
         };
         let ring = built
-            .or_else(|_| b.build(entries))
             .or_else(|_| IoUring::new(entries))
             .map_err(|source| RingError::Setup { entries, source })?;
         Ok(Ring {
