@@ -249,6 +249,13 @@ impl Stream {
         Ok(())
     }
 
+    /// How long ago the kernel last received data on this TCP stream, read
+    /// or not (`None` for Unix sockets, or if the kernel will not say).
+    pub fn silent_for(&self) -> Option<Duration> {
+        let Stream::Tcp(s) = self else { return None };
+        crate::sys::tcp::since_last_data(std::os::fd::AsFd::as_fd(s)).ok()
+    }
+
     /// The peer's IP address (None for Unix sockets).
     pub fn peer_ip(&self) -> Option<std::net::IpAddr> {
         match self {

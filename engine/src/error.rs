@@ -164,6 +164,15 @@ pub enum EngineError {
         /// Ring bytes.
         max: usize,
     },
+    /// A `Data` payload that does not start on a 4 KiB boundary of a lane
+    /// that asked for aligned payloads (`LANE_ALIGN_PAYLOAD`).
+    #[error("a payload on the {lane} starts at byte {at} of the stream, off the 4 KiB boundary the lane asked for")]
+    Misaligned {
+        /// Which connection.
+        lane: LaneId,
+        /// Where the payload starts in the lane's byte stream.
+        at: u64,
+    },
     /// Authentication failed.
     #[error("authentication failed")]
     Auth(#[from] AuthError),
@@ -277,7 +286,8 @@ impl EngineError {
             EngineError::Auth(_) => ErrorCode::AuthFailed,
             EngineError::Decode { .. }
             | EngineError::Unexpected { .. }
-            | EngineError::FrameTooLarge { .. } => ErrorCode::Protocol,
+            | EngineError::FrameTooLarge { .. }
+            | EngineError::Misaligned { .. } => ErrorCode::Protocol,
             EngineError::Integrity { .. } => ErrorCode::Integrity,
             EngineError::LayoutMismatch(_)
             | EngineError::UnknownRegion { .. }

@@ -34,7 +34,7 @@ pub mod verify;
 pub mod wire;
 
 pub use addr::PeerAddr;
-pub use destination::{Destination, DestinationConfig, InstallMode, Verify};
+pub use destination::{BulkReceive, Destination, DestinationConfig, InstallMode, Verify};
 pub use error::EngineError;
 pub use ringfault_proto::{Cipher, Protection};
 pub use source::{Source, SourceConfig};

@@ -37,6 +37,9 @@ pub struct Counters {
     /// stage: one transparent huge page each, unless the kernel had none for
     /// the stage (then the final sweep collapses the range).
     pub huge_moves: AtomicU64,
+    /// Of `huge_moves`, ranges a bulk lane received straight into a huge
+    /// landing (no staging copy).
+    pub landed_moves: AtomicU64,
     /// Bytes read from all sockets, headers included.
     pub wire_bytes: AtomicU64,
     /// Thread CPU ns of the bulk lanes inside the kernel's receive path
@@ -284,6 +287,9 @@ pub struct DestinationReport {
     /// 2 MiB ranges installed whole as transparent huge pages (`UFFDIO_MOVE`
     /// from a huge-page stage).
     pub huge_moves: u64,
+    /// Of `huge_moves`, ranges received straight into a huge landing by a
+    /// bulk lane, so moved in with no copy in user space.
+    pub landed_moves: u64,
     /// Bytes received, headers included.
     pub wire_bytes: u64,
     /// Engine-side service latency: fault read to install done.
@@ -352,6 +358,7 @@ impl DestinationReport {
             duplicate_pages: Counters::get(&c.duplicate_pages),
             eagain_retries: Counters::get(&c.eagain_retries),
             huge_moves: Counters::get(&c.huge_moves),
+            landed_moves: Counters::get(&c.landed_moves),
             wire_bytes: Counters::get(&c.wire_bytes),
             fault_service: LatencySummary::of(h),
             fault_service_cdf: cdf_points(h),

@@ -68,6 +68,32 @@ fn sealed_pages(framed: &mut Framed, h: &PagesHeader, payload: &[u8]) -> Vec<u8>
     out
 }
 
+/// [`sealed_pages`] at byte `pos` of its lane's stream, its payload on a 4
+/// KiB boundary of the stream (what a bulk lane asks for,
+/// `LANE_ALIGN_PAYLOAD`); `pos` moves past the frame.
+fn sealed_aligned_pages(
+    framed: &mut Framed,
+    h: &PagesHeader,
+    payload: &[u8],
+    pos: &mut u64,
+) -> Vec<u8> {
+    let head_len = encode_pages_head(h).len() as u64;
+    let pad = (*pos + head_len).next_multiple_of(PAGE as u64) - (*pos + head_len);
+    let pad = u16::try_from(pad).unwrap_or_else(|e| panic!("pad: {e}"));
+    let h = PagesHeader { pad_len: pad, ..*h };
+    let mut head = encode_pages_head(&h).to_vec();
+    head.resize(head.len() + usize::from(pad), 0);
+    let tag = framed
+        .sealer
+        .seal(&head, payload)
+        .unwrap_or_else(|e| panic!("seal: {e}"));
+    let mut out = head;
+    out.extend_from_slice(payload);
+    out.extend_from_slice(tag.as_ref().map_or(&[][..], |t| &t[..]));
+    *pos += out.len() as u64;
+    out
+}
+
 /// A listener on a free loopback port, and its address.
 fn listen() -> (Listener, PeerAddr) {
     let listener = PeerAddr::parse("tcp:127.0.0.1:0")
@@ -212,6 +238,26 @@ fn a_wrong_payload_length_is_refused() {
                 ..
             }
         ),
+        "{err:?}"
+    );
+    assert!(!present, "nothing of a refused frame is installed");
+}
+
+/// A bulk lane asks for payloads of 64 KiB and more on 4 KiB boundaries of
+/// its stream (`LANE_ALIGN_PAYLOAD`), which its payloads are received
+/// straight into memory by; one that starts elsewhere is refused, and
+/// nothing of it installed.
+#[test]
+fn a_misaligned_payload_is_refused() {
+    let (err, present) = expect_failure(On::Bulk, 0, |f| {
+        sealed_pages(
+            f,
+            &pages(1, PageKind::Data, 0, 16, 16 << 12),
+            &[7; 16 * PAGE],
+        )
+    });
+    assert!(
+        matches!(err, EngineError::Misaligned { lane, at: 40 } if lane == LaneId::bulk(1)),
         "{err:?}"
     );
     assert!(!present, "nothing of a refused frame is installed");
@@ -367,6 +413,7 @@ fn demand_lane(src: &SourceChild, session: [u8; 16]) -> (Framed, Layout) {
         cipher: Cipher::Aes256Gcm,
         bulk_channels: 1,
         moving: false,
+        direct: false,
         connect_patience: Duration::from_secs(5),
         verify: false,
     };
@@ -470,9 +517,10 @@ fn a_paced_fault_is_not_requested_after_complete() {
             other => return Err(format!("expected a Demand, got {other:?}")),
         }
         std::thread::sleep(Duration::from_millis(100));
+        let mut pos = 0;
         for first in (0..1024u64).step_by(256) {
             let h = pages(1, PageKind::Data, first, 256, 256 << 12);
-            let frame = sealed_pages(&mut bulk, &h, &vec![0x5a; 256 * PAGE]);
+            let frame = sealed_aligned_pages(&mut bulk, &h, &vec![0x5a; 256 * PAGE], &mut pos);
             bulk.stream
                 .write_all(&frame)
                 .map_err(|e| format!("bulk write: {e}"))?;

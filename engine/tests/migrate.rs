@@ -7,7 +7,9 @@ use ringfault_engine::sys::guest::{GuestMemory, RegionSpec};
 use ringfault_engine::sys::mapping::MapOptions;
 use ringfault_engine::sys::pagemap::{Query, Scanner};
 use ringfault_engine::sys::uffd::{Features, RegisterMode, Uffd, UffdOptions};
-use ringfault_engine::{Destination, DestinationConfig, EngineError, InstallMode, Protection};
+use ringfault_engine::{
+    BulkReceive, Destination, DestinationConfig, EngineError, InstallMode, Protection,
+};
 use ringfault_proto::auth::PresharedKey;
 use ringfault_testkit::{
     env_u64, error_chain, require, serial, source_child_main, uffd_move_supported, verify,
@@ -29,6 +31,8 @@ struct Case {
     listen: Option<String>,
     /// Both ends run with `--integrity none`.
     zero_copy: bool,
+    /// How bulk workers receive.
+    receive: BulkReceive,
 }
 
 fn migrate(case: Case) -> ringfault_engine::stats::DestinationReport {
@@ -43,6 +47,7 @@ fn migrate(case: Case) -> ringfault_engine::stats::DestinationReport {
     let mut cfg = DestinationConfig::new(PresharedKey::new(KEY_A.to_vec()).unwrap());
     cfg.bulk_channels = case.channels;
     cfg.install = case.install;
+    cfg.bulk_receive = case.receive;
     if case.zero_copy {
         cfg.protection = Protection::None;
     }
@@ -104,7 +109,51 @@ fn one_channel_copy() {
         install: InstallMode::Copy,
         listen: None,
         zero_copy: false,
+        receive: BulkReceive::Direct,
     });
+}
+
+/// The bulk lane receives straight into landings (the default): every byte
+/// arrives, and the lane's report shows receives queued in the kernel while
+/// each frame is installed: always the next block, and the next payload too
+/// whenever its head had arrived (then 2).
+#[test]
+fn one_channel_direct_keeps_receives_in_flight_while_installing() {
+    let r = migrate(Case {
+        spec: dense(256 * MIB, 11),
+        channels: 1,
+        install: InstallMode::Copy,
+        listen: None,
+        zero_copy: false,
+        receive: BulkReceive::Direct,
+    });
+    let bulk = r
+        .channels
+        .iter()
+        .find(|c| c.lane == "bulk")
+        .unwrap_or_else(|| panic!("no bulk lane in {:?}", r.channels));
+    eprintln!(
+        "bulk lane: receives in flight at installs: min {}, mean {:.2}",
+        bulk.recv_in_flight_min, bulk.recv_in_flight_mean
+    );
+    assert!(
+        bulk.recv_in_flight_min >= 1 && bulk.recv_in_flight_mean > 1.0,
+        "the next receives must be in the kernel while a frame is installed: {bulk:?}"
+    );
+}
+
+/// The stream ring (`--bulk-receive stream`) still migrates every byte.
+#[test]
+fn one_channel_stream_receive() {
+    let r = migrate(Case {
+        spec: dense(256 * MIB, 12),
+        channels: 1,
+        install: InstallMode::Copy,
+        listen: None,
+        zero_copy: false,
+        receive: BulkReceive::Stream,
+    });
+    assert_eq!(r.landed_moves, 0, "nothing lands directly on a stream lane");
 }
 
 #[test]
@@ -115,6 +164,7 @@ fn four_channels_copy() {
         install: InstallMode::Copy,
         listen: None,
         zero_copy: false,
+        receive: BulkReceive::Direct,
     });
     assert_eq!(r.channels.len(), 5, "one demand and four bulk lanes");
     assert!(
@@ -140,6 +190,7 @@ fn move_install() {
         install: InstallMode::Move,
         listen: None,
         zero_copy: false,
+        receive: BulkReceive::Direct,
     });
 }
 
@@ -156,6 +207,7 @@ fn sparse_region_sends_little() {
         install: InstallMode::Copy,
         listen: None,
         zero_copy: false,
+        receive: BulkReceive::Direct,
     });
     let limit = size as f64 * 0.15;
     assert!(
@@ -178,6 +230,7 @@ fn two_regions_of_different_sizes() {
         install: InstallMode::Copy,
         listen: None,
         zero_copy: false,
+        receive: BulkReceive::Direct,
     });
 }
 
@@ -251,6 +304,7 @@ fn unix_socket_address() {
         install: InstallMode::Copy,
         listen: Some(format!("unix:{}", path.display())),
         zero_copy: false,
+        receive: BulkReceive::Direct,
     });
     assert_eq!(r.pages_total, (64 * MIB / PAGE) as u64);
     let _ = std::fs::remove_file(path);
@@ -264,6 +318,7 @@ fn integrity_none_migrates() {
         install: InstallMode::Copy,
         listen: None,
         zero_copy: true,
+        receive: BulkReceive::Direct,
     });
     assert_eq!(r.protection, "none");
     assert_eq!(r.pages_total, (128 * MIB / PAGE) as u64);

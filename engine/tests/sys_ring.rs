@@ -477,3 +477,149 @@ fn a_multishot_poll_reports_each_readiness() -> TestResult {
     assert_eq!(ring.in_flight(), 1, "the multishot poll stays armed");
     Ok(())
 }
+
+/// Receives straight into landings: a 2 MiB `MSG_WAITALL` receive into a
+/// huge landing, linked to a block receive queued in the same submission,
+/// fill their landings in stream order even though the sender writes the
+/// bytes in small pieces, with a pause; a receive without `MSG_WAITALL`
+/// stops at its length, never taking the bytes after it; each landing comes
+/// back with its bytes; the end of the stream gives 0.
+#[test]
+fn landed_receives_fill_their_landings_in_order() -> TestResult {
+    use ringfault_engine::sys::install::Landing;
+    let (tx, rx) = tcp_pair()?;
+    let huge = Landing::HUGE;
+    let total = 4096 + huge + 100;
+    let writer = std::thread::spawn(move || -> std::io::Result<()> {
+        let mut tx = tx;
+        let bytes: Vec<u8> = (0..total).map(stream_byte).collect();
+        // A pause after the first 1000 bytes: the first block receive
+        // (up to 4096 bytes, no MSG_WAITALL) may end short there.
+        tx.write_all(&bytes[..1000])?;
+        std::thread::sleep(Duration::from_millis(50));
+        for chunk in bytes[1000..].chunks(48 << 10) {
+            tx.write_all(chunk)?;
+        }
+        Ok(())
+    });
+    let mut ring = Ring::new(8)?;
+    let mut events = Vec::new();
+    let mut got: Vec<u8> = Vec::new();
+    // The first block, up to 4096 bytes, until all of it is in.
+    let mut block = Some(Landing::flat(4096)?);
+    while got.len() < 4096 {
+        let b = block.take().ok_or("block landing lost")?;
+        ring.recv_into(rx.as_fd(), b, 0, 4096 - got.len(), 1, false, false)?;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while block.is_none() {
+            assert!(Instant::now() < deadline, "no block completion");
+            turn(&mut ring, &mut events)?;
+            for ev in events.drain(..) {
+                match ev {
+                    Event::Landed {
+                        token: 1,
+                        result,
+                        land,
+                    } => {
+                        let n = result?;
+                        assert!(
+                            n > 0 && got.len() + n <= 4096,
+                            "{n} bytes after {}",
+                            got.len()
+                        );
+                        got.extend_from_slice(&land.as_slice()[..n]);
+                        block = Some(land);
+                    }
+                    other => return Err(format!("unexpected {other:?}").into()),
+                }
+            }
+        }
+    }
+    // The payload and the block after it, linked, in one submission.
+    ring.recv_into(rx.as_fd(), Landing::huge()?, 0, huge, 2, true, true)?;
+    let b = block.take().ok_or("block landing lost")?;
+    ring.recv_into(rx.as_fd(), b, 0, 4096, 3, false, false)?;
+    let (mut payload, mut tail) = (None, None);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while payload.is_none() || tail.is_none() {
+        assert!(
+            Instant::now() < deadline,
+            "the linked receives did not complete"
+        );
+        turn(&mut ring, &mut events)?;
+        for ev in events.drain(..) {
+            match ev {
+                Event::Landed {
+                    token: 2,
+                    result,
+                    land,
+                } => {
+                    assert!(
+                        tail.is_none(),
+                        "the linked block completed before the payload"
+                    );
+                    assert_eq!(result?, huge, "a MSG_WAITALL receive is whole");
+                    assert!(land.is_huge());
+                    payload = Some(land);
+                }
+                Event::Landed {
+                    token: 3,
+                    result,
+                    land,
+                } => {
+                    let n = result?;
+                    assert!(n > 0 && n <= 100, "{n} bytes after the payload");
+                    got.extend_from_slice(&land.as_slice()[..n]);
+                    tail = Some((n, land));
+                }
+                other => return Err(format!("unexpected {other:?}").into()),
+            }
+        }
+    }
+    writer.join().map_err(|_| "writer panicked")??;
+    let payload = payload.ok_or("no payload")?;
+    let first_bad = payload.as_slice()[..huge]
+        .iter()
+        .enumerate()
+        .position(|(i, &b)| b != stream_byte(4096 + i));
+    assert_eq!(first_bad, None, "payload bytes differ from the stream's");
+    let (mut n, land) = tail.ok_or("no tail")?;
+    let mut land = Some(land);
+    // The rest of the 100 bytes, then the end of the stream.
+    loop {
+        let l = land.take().ok_or("block landing lost")?;
+        ring.recv_into(rx.as_fd(), l, 0, 4096, 4, false, false)?;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut done = None;
+        while done.is_none() {
+            assert!(Instant::now() < deadline, "no completion at the end");
+            turn(&mut ring, &mut events)?;
+            for ev in events.drain(..) {
+                match ev {
+                    Event::Landed {
+                        token: 4,
+                        result,
+                        land: l,
+                    } => {
+                        done = Some(result?);
+                        got.extend_from_slice(&l.as_slice()[..done.unwrap_or(0)]);
+                        land = Some(l);
+                    }
+                    other => return Err(format!("unexpected {other:?}").into()),
+                }
+            }
+        }
+        match done {
+            Some(0) => break,
+            Some(k) => n += k,
+            None => unreachable!(),
+        }
+    }
+    assert_eq!(n, 100, "the bytes after the payload");
+    let want: Vec<u8> = (0..4096)
+        .chain(4096 + huge..total)
+        .map(stream_byte)
+        .collect();
+    assert!(got == want, "block bytes differ from the stream's");
+    Ok(())
+}

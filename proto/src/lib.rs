@@ -113,6 +113,12 @@ pub const MAX_PAGES_PER_FRAME: u32 = 1 << 16;
 pub const MAX_PAYLOAD_LEN: u32 = 1 << 30;
 /// Most zero bytes between a `Pages` body and its payload.
 pub const MAX_PAD_LEN: u16 = 4095;
+
+/// On a lane that asked for aligned payloads (`LANE_ALIGN_PAYLOAD`), every
+/// `Data` payload of at least this many bytes starts on a 4 KiB boundary of
+/// the lane's byte stream; a smaller one may start anywhere (its pad would
+/// cost more than aligning it saves).
+pub const ALIGN_MIN_PAYLOAD: u32 = 64 * 1024;
 /// Most pages of prefetch on each side of a demanded page.
 pub const MAX_PREFETCH: u16 = 4096;
 /// Most faulting pages in one `Demand` frame.

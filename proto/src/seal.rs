@@ -216,6 +216,10 @@ pub enum SealError {
     /// The cipher refused the key (cannot happen for a 32-byte AES-256 key).
     #[error("the cipher refused the frame key")]
     Key,
+    /// [`Opener::open_detached`] on an encrypting connection, whose
+    /// payload is opened in place before its tag ([`Opener::open`]).
+    #[error("an encrypted frame opens only with its tag after its payload")]
+    Detached,
     /// A buffer was shorter than its frame says.
     #[error("frame buffer of {have} bytes, {need} needed")]
     Short {
@@ -539,22 +543,56 @@ impl Opener {
                 have: payload_and_tag.len(),
             });
         }
+        let split = payload_and_tag.len() - tl;
+        if self.mode == Protection::Aead {
+            let seq = self.seq;
+            if let Some(k) = self.keyed.as_mut() {
+                k.decrypt(seq, head, payload_and_tag)?;
+            }
+            return self.advance();
+        }
+        let (payload, tag) = payload_and_tag.split_at(split);
+        self.open_detached(head, payload, tag)
+    }
+
+    /// [`Opener::open`] of a frame whose payload and tag lie apart (a
+    /// payload received straight into its own buffer), without encryption:
+    /// `tag` must be [`Opener::tag_len`] bytes. Under `Aead`, which decrypts
+    /// in place, [`SealError::Detached`].
+    pub fn open_detached(
+        &mut self,
+        head: &[u8],
+        payload: &[u8],
+        tag: &[u8],
+    ) -> Result<(), SealError> {
+        let tl = self.tag_len();
+        if tag.len() != tl {
+            return Err(SealError::Short {
+                need: tl,
+                have: tag.len(),
+            });
+        }
         let seq = self.seq;
         let Some(k) = self.keyed.as_mut() else {
             return Ok(());
         };
-        let split = payload_and_tag.len() - tl;
         match self.mode {
-            Protection::None => {}
+            Protection::Aead => return Err(SealError::Detached),
             Protection::Mac => {
-                let (payload, tag) = payload_and_tag.split_at(split);
                 let want = k.mac(seq, head, payload)?;
                 aws_lc_rs::constant_time::verify_slices_are_equal(&want, tag)
                     .map_err(|_| SealError::BadTag { seq })?;
             }
-            Protection::Aead => k.decrypt(seq, head, payload_and_tag)?,
+            Protection::None => {}
         }
-        self.seq = seq.checked_add(1).ok_or(SealError::SequenceExhausted)?;
+        self.advance()
+    }
+
+    fn advance(&mut self) -> Result<(), SealError> {
+        self.seq = self
+            .seq
+            .checked_add(1)
+            .ok_or(SealError::SequenceExhausted)?;
         Ok(())
     }
 }

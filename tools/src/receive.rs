@@ -17,7 +17,9 @@ use indicatif::{ProgressBar, ProgressStyle};
 use ringfault_engine::destination::Progress;
 use ringfault_engine::stats::LatencySummary;
 use ringfault_engine::verify::compare;
-use ringfault_engine::{Destination, DestinationConfig, InstallMode, PeerAddr, Verify};
+use ringfault_engine::{
+    BulkReceive, Destination, DestinationConfig, InstallMode, PeerAddr, Verify,
+};
 
 use crate::bench::units::to_f64;
 
@@ -41,6 +43,29 @@ impl From<Install> for InstallMode {
         match i {
             Install::Copy => InstallMode::Copy,
             Install::Move => InstallMode::Move,
+        }
+    }
+}
+
+/// How bulk lanes are received.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize,
+)]
+#[serde(rename_all = "kebab-case")]
+pub enum BulkRecv {
+    /// Each payload straight into the memory it is installed from: a whole
+    /// 2 MiB range lands in a huge page that is moved in as is (copy
+    /// installs of 4 KiB pages without --encrypt; `stream` otherwise).
+    Direct,
+    /// Into a ring of receive buffers, frames parsed where they land.
+    Stream,
+}
+
+impl From<BulkRecv> for BulkReceive {
+    fn from(b: BulkRecv) -> BulkReceive {
+        match b {
+            BulkRecv::Direct => BulkReceive::Direct,
+            BulkRecv::Stream => BulkReceive::Stream,
         }
     }
 }
@@ -216,6 +241,9 @@ pub struct DestOptions {
     /// How pages are installed.
     #[arg(long, value_enum, default_value = "copy")]
     pub install: Install,
+    /// How bulk lanes are received.
+    #[arg(long, value_enum, default_value = "direct")]
+    pub bulk_receive: BulkRecv,
     /// Pages prefetched after a faulting page (0: none).
     #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u16).range(0..=4096))]
     pub prefetch: u16,
@@ -251,6 +279,7 @@ impl DestOptions {
         let mut cfg = DestinationConfig::new(key);
         cfg.bulk_channels = self.channels;
         cfg.install = self.install.into();
+        cfg.bulk_receive = self.bulk_receive.into();
         cfg.prefetch_after = self.prefetch;
         cfg.prefetch_before = self.prefetch_before;
         cfg.protection = self.engine.protection()?;

@@ -163,6 +163,8 @@ struct ThpRun {
     src: u64,
     /// 2 MiB ranges the destination installed whole.
     moved: u64,
+    /// Of those, ranges received straight into the huge page moved in.
+    landed: u64,
 }
 
 /// Runs `ringfault bench ARGS` (see [`bench`]) and requires the destination
@@ -182,7 +184,10 @@ fn thp_bench(name: &str, args: &[&str]) -> Result<ThpRun, String> {
     let src = h["source_bytes"].as_u64().unwrap_or(0);
     let dst = h["destination_bytes"].as_u64().unwrap_or(0);
     let moved = h["moved_whole"].as_u64().unwrap_or(0);
-    eprintln!("AnonHugePages: source {src}, destination {dst}; 2 MiB ranges moved whole: {moved}");
+    let landed = h["landed_whole"].as_u64().unwrap_or(0);
+    eprintln!(
+        "AnonHugePages: source {src}, destination {dst}; 2 MiB ranges moved whole: {moved}, received in place: {landed}"
+    );
     if src == 0 {
         return Err("the source's memory got no transparent huge pages (none free?)".into());
     }
@@ -190,7 +195,12 @@ fn thp_bench(name: &str, args: &[&str]) -> Result<ThpRun, String> {
         dst * 10 >= src * 9,
         "the destination kept {dst} of the source's {src} bytes of huge pages"
     );
-    Ok(ThpRun { report, src, moved })
+    Ok(ThpRun {
+        report,
+        src,
+        moved,
+        landed,
+    })
 }
 
 #[test]
@@ -198,7 +208,9 @@ fn huge_transparent_huge_pages_are_kept_on_the_destination() {
     let _g = serial();
     // The keeper collapses the last ranges once every page arrived: a tail
     // of a second leaves it time to.
-    let ThpRun { src, moved, .. } = match thp_bench(
+    let ThpRun {
+        src, moved, landed, ..
+    } = match thp_bench(
         "thp",
         &["--size", "256M", "--pattern", "idle", "--tail", "1s"],
     ) {
@@ -214,6 +226,12 @@ fn huge_transparent_huge_pages_are_kept_on_the_destination() {
     assert!(
         moved * (2 << 20) * 10 >= src * 9,
         "only {moved} ranges of 2 MiB were installed whole, for {src} bytes of huge pages"
+    );
+    // The bulk lane received each of them straight into the huge page it
+    // moved in: no staging copy.
+    assert_eq!(
+        landed, moved,
+        "ranges moved whole that were not received in place"
     );
 }
 

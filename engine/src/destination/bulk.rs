@@ -103,12 +103,12 @@ impl BulkLane {
     }
 }
 
-enum Handled {
+pub(super) enum Handled {
     Bytes(usize),
     Phase(Phase),
 }
 
-fn handle(
+pub(super) fn handle(
     inst: &Installer,
     lane: LaneId,
     got: Got<'_>,

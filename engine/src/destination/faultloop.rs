@@ -376,14 +376,7 @@ impl Loop<'_> {
                 Err(e) => return Err(EngineError::io("reading the wake-up eventfd", e)),
             },
             other => {
-                let token = match &other {
-                    Event::Received { token, .. }
-                    | Event::ReceiveEnded { token, .. }
-                    | Event::Slot { token, .. }
-                    | Event::ReadEnded { token, .. }
-                    | Event::Polled { token, .. }
-                    | Event::Sent { token, .. } => *token,
-                };
+                let token = other.token();
                 if (TOKEN_SOURCE..TOKEN_POLL_BASE).contains(&token) {
                     source.event(&mut Cx { ring, inst, now }, other)?;
                 }

@@ -46,7 +46,7 @@ use crate::bitmap::AtomicBitmap;
 use crate::space::RegionSpan as Span;
 use crate::sys::affinity::{place_current_thread, SchedClass};
 use crate::sys::guest::GuestMemory;
-use crate::sys::install::HugeStage;
+use crate::sys::install::{HugeStage, Landing};
 use crate::sys::pagemap::{Query, Scanner, PAGE_IS_HUGE, PAGE_IS_PFNZERO};
 use crate::sys::uffd::{Installed, Uffd, UffdError};
 
@@ -161,7 +161,30 @@ impl HugeKeeper {
                 v.push(stage);
             }
         }
-        if let Err(UffdError::Range { source, .. }) = &r {
+        self.refused(&r);
+        r
+    }
+
+    /// Moves the huge landing `land`, which a receive filled with the 2 MiB
+    /// for `dst` (2 MiB-aligned, missing), in as one huge page; as
+    /// [`HugeKeeper::install_whole`] without the copy. After anything short
+    /// of a whole move the caller installs the rest from the landing, then
+    /// clears it.
+    pub fn move_landed(
+        &self,
+        uffd: &Uffd,
+        dst: usize,
+        land: &mut Landing,
+    ) -> Result<Installed, UffdError> {
+        let r = land.move_whole(uffd, dst);
+        self.refused(&r);
+        r
+    }
+
+    /// A move the kernel refuses outright (`EINVAL`: memory it cannot move
+    /// into) turns whole installs off for this session.
+    fn refused(&self, r: &Result<Installed, UffdError>) {
+        if let Err(UffdError::Range { source, .. }) = r {
             if source.raw_os_error() == Some(libc::EINVAL) {
                 tracing::debug!(
                     "UFFDIO_MOVE refused ({source}): huge pages will be collapsed instead"
@@ -170,7 +193,6 @@ impl HugeKeeper {
                 self.moving.store(false, Ordering::Relaxed);
             }
         }
-        r
     }
 
     /// Guest memory is unregistered: collapses what the installs could not

@@ -267,7 +267,13 @@ impl Inbound {
                 self.verify_ns += crate::stats::thread_cpu_ns().saturating_sub(t0);
             }
             match msg {
-                Message::Pages(h) if h.kind == PageKind::Data && self.moving => {
+                // Moved out only if page-aligned: a source aligns payloads
+                // of `ALIGN_MIN_PAYLOAD` and more, smaller ones are copied.
+                Message::Pages(h)
+                    if h.kind == PageKind::Data
+                        && self.moving
+                        && (sr.readable().as_ptr() as usize + head_len).is_multiple_of(4096) =>
+                {
                     f(Got::Pages(h, Payload::Ring(sr, head_len)))?
                 }
                 Message::Pages(h) if h.kind == PageKind::Data => {

@@ -31,7 +31,7 @@ use crate::error::EngineError;
 use crate::space::PageSpace;
 use crate::stats::Counters;
 use crate::sys::bufring::StreamRing;
-use crate::sys::install::{copy, copy_mapped, move_out, zero};
+use crate::sys::install::{copy, copy_mapped, move_out, zero, Landing};
 use crate::sys::mapping::Mapping;
 use crate::sys::notify::Notifier;
 use crate::sys::uffd::{Event, Installed, Uffd, UffdMsg};
@@ -86,6 +86,10 @@ pub enum Payload<'a> {
     Ring(&'a mut StreamRing, usize),
     /// Copy from `offset` of a file mapping (never read in user space).
     Mapped(&'a Mapping, usize),
+    /// The bytes a receive put in a landing, from its start: a huge
+    /// landing holding a whole 2 MiB range is moved in as one huge page,
+    /// anything else is copied from there.
+    Landed(&'a mut Landing),
     /// Zero pages (sent as zero, never populated, or removed by a balloon).
     Zero,
 }
@@ -299,6 +303,9 @@ impl Installer {
         let mut whole_from = 0u64;
         // Pages installed in 4 KiB pages (the keeper may collapse their ranges).
         let mut small = 0u64;
+        // A huge landing partly moved out: cleared at the end (it holds a
+        // split page, which would not move whole again).
+        let mut split_landing = false;
         // Each pass re-reads the present bits, so that a retry after EAGAIN
         // (when a REMOVE may have changed what is wanted) never installs stale
         // data over a page that was resolved meanwhile.
@@ -309,6 +316,34 @@ impl Installer {
                 out.duplicates += 1;
                 p += 1;
                 continue;
+            }
+            if let (Some(h), Payload::Landed(land), PageKind::Data) =
+                (self.huge.get(), &mut payload, kind)
+            {
+                // Received straight into a huge landing: moved, not copied.
+                if p == 0 && land.is_huge() && guard.is_none() && h.whole_at(ri, first, count) {
+                    whole_from = HUGE_PAGES;
+                    if self.present.count_range(g, HUGE_PAGES) == 0 {
+                        let done = match h.move_landed(uffd, span.addr_of(first), land) {
+                            Ok(Installed::Done(b) | Installed::Again { done: b }) => b / ps,
+                            Ok(Installed::Exists) | Err(_) => 0,
+                        } as u64;
+                        // A refused move may have split the landing's page.
+                        split_landing = done != HUGE_PAGES;
+                        if done > 0 {
+                            self.present.set_range(g, done);
+                            out.installed += done;
+                            p += done;
+                            if done == HUGE_PAGES {
+                                Counters::add(&self.counters.huge_moves, 1);
+                                Counters::add(&self.counters.landed_moves, 1);
+                            } else {
+                                small += done;
+                            }
+                            continue;
+                        }
+                    }
+                }
             }
             if let (Some(h), Payload::Bytes(bytes), PageKind::Data) =
                 (self.huge.get(), &payload, kind)
@@ -356,6 +391,12 @@ impl Installer {
             let res = match &mut payload {
                 Payload::Bytes(bytes) => {
                     let src = bytes.get(off..off + len).ok_or_else(|| {
+                        EngineError::Internal("payload shorter than its pages".into())
+                    })?;
+                    copy(uffd, dst, src, true)
+                }
+                Payload::Landed(land) => {
+                    let src = land.as_slice().get(off..off + len).ok_or_else(|| {
                         EngineError::Internal("payload shorter than its pages".into())
                     })?;
                     copy(uffd, dst, src, true)
@@ -430,6 +471,9 @@ impl Installer {
             out.installed += installed;
             small += installed;
             p += installed;
+        }
+        if let (true, Payload::Landed(land)) = (split_landing, &mut payload) {
+            land.clear();
         }
         match kind {
             PageKind::Zero => Counters::add(&self.counters.zero_pages, out.installed),

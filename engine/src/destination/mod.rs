@@ -14,6 +14,7 @@
 //! that never arrived waits; it never reads a zero page in its place.
 
 pub mod bulk;
+pub mod direct;
 pub mod faultloop;
 pub mod file;
 pub mod huge;
@@ -59,6 +60,20 @@ pub enum InstallMode {
     /// guest memory. Bulk lanes then receive into private rings and ask the
     /// source to page-align payloads.
     Move,
+}
+
+/// How bulk workers receive their lanes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum BulkReceive {
+    /// Each payload straight into memory it is installed from, a whole 2 MiB
+    /// range into a huge page moved in as is (`destination::direct`;
+    /// payloads aligned on 4 KiB of the stream). Used with copy installs of
+    /// 4 KiB pages without `--encrypt`; the stream ring otherwise.
+    #[default]
+    Direct,
+    /// A multishot receive into a stream ring, frames parsed where they land
+    /// (`destination::inbound`).
+    Stream,
 }
 
 /// Whether the destination checks a finished migration against the
@@ -123,6 +138,8 @@ pub struct DestinationConfig {
     pub demand_burst: u32,
     /// Digests of every page after completion.
     pub verify: Verify,
+    /// How bulk workers receive.
+    pub bulk_receive: BulkReceive,
 }
 
 impl DestinationConfig {
@@ -147,6 +164,7 @@ impl DestinationConfig {
             demand_interval: Duration::from_millis(1),
             demand_burst: 64,
             verify: Verify::Off,
+            bulk_receive: BulkReceive::Direct,
         }
     }
 
@@ -285,7 +303,7 @@ impl Destination {
         Opcodes::require_engine()?;
         let started = Instant::now();
         let session: SessionId = random_bytes()?;
-        let link = Link {
+        let mut link = Link {
             addr: addr.clone(),
             key: cfg.key.clone(),
             session,
@@ -293,11 +311,18 @@ impl Destination {
             cipher: cfg.cipher,
             bulk_channels: cfg.bulk_channels,
             moving: cfg.install == InstallMode::Move,
+            direct: false,
             connect_patience: cfg.connect_patience,
             verify: cfg.verify != Verify::Off,
         };
         let (demand, layout, flags) =
             link.open_flags(Lane::Demand, 0, false, cfg.connect_patience, cfg.liveness)?;
+        // Bulk payloads straight into landings: copy installs into 4 KiB
+        // pages, frames that are not decrypted in place.
+        link.direct = cfg.bulk_receive == BulkReceive::Direct
+            && cfg.install == InstallMode::Copy
+            && cfg.protection != Protection::Aead
+            && layout.regions.iter().all(|r| r.page_size.bytes() == 4096);
         let precopy = flags & ringfault_proto::WELCOME_PRECOPY != 0;
         let verifies = flags & ringfault_proto::WELCOME_VERIFY != 0;
         if cfg.verify == Verify::Required && !verifies {

@@ -69,6 +69,9 @@ pub struct Link {
     pub bulk_channels: u16,
     /// Move pages out of private receive rings instead of copying them.
     pub moving: bool,
+    /// Bulk workers receive payloads straight into landings
+    /// (`destination::direct`) rather than through a stream ring.
+    pub direct: bool,
     /// How long to keep retrying a refused connection at the start.
     pub connect_patience: Duration,
     /// Offer `VERIFY`: digests of every page after completion, if the
@@ -82,7 +85,7 @@ impl Link {
             lane,
             channel,
             channel_count: self.bulk_channels + 1,
-            lane_flags: if self.moving && lane == Lane::Bulk {
+            lane_flags: if (self.moving || self.direct) && lane == Lane::Bulk {
                 ringfault_proto::LANE_ALIGN_PAYLOAD
             } else {
                 0
@@ -488,9 +491,15 @@ impl RemotePages {
         let halted_w = halted.clone();
         let opener = self.link.clone();
         let liveness = self.cfg.liveness;
-        let buf = self
-            .link
-            .ring_for(Lane::Bulk, self.inst.space.largest_page())?;
+        let direct = self.link.direct;
+        let buf = if direct {
+            None
+        } else {
+            Some(
+                self.link
+                    .ring_for(Lane::Bulk, self.inst.space.largest_page())?,
+            )
+        };
         let inst = self.inst.clone();
         let layout = self.layout.clone();
         let mut wcfg = self.cfg.worker.clone();
@@ -530,7 +539,14 @@ impl RemotePages {
                             l
                         }
                     };
-                    run_worker(&inst, &layout, link, buf, &wcfg, &finished, started)
+                    match buf {
+                        Some(buf) => {
+                            run_worker(&inst, &layout, link, buf, &wcfg, &finished, started)
+                        }
+                        None => super::direct::run_worker(
+                            &inst, &layout, link, &wcfg, &finished, started,
+                        ),
+                    }
                 })();
                 match r {
                     Ok(r) => Ok(r),
@@ -1033,14 +1049,7 @@ impl PageSource for RemotePages {
     }
     fn event(&mut self, cx: &mut Cx<'_>, ev: Event) -> Result<(), EngineError> {
         let (t_recv, t_send, t_hosted) = self.tokens();
-        let token = match &ev {
-            Event::Received { token, .. }
-            | Event::ReceiveEnded { token, .. }
-            | Event::Sent { token, .. }
-            | Event::Slot { token, .. }
-            | Event::ReadEnded { token, .. }
-            | Event::Polled { token, .. } => *token,
-        };
+        let token = ev.token();
         let r = if token == t_recv {
             match self.demand.as_mut() {
                 Some(d) => d

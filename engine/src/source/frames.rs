@@ -274,7 +274,7 @@ impl Framer<'_> {
                 }
                 Class::Data => {
                     let len = usize::try_from(n).unwrap_or(0) * ps;
-                    let pad = if self.align {
+                    let pad = if self.align && len >= ringfault_proto::ALIGN_MIN_PAYLOAD as usize {
                         let at = *stream_pos + PAGES_FRAME_LEN as u64;
                         u16::try_from(at.next_multiple_of(4096) - at).unwrap_or(0)
                     } else {

@@ -18,37 +18,165 @@ use crate::sys::bufring::StreamRing;
 use crate::sys::mapping::{MapOptions, Mapping};
 use crate::sys::uffd::{Installed, Uffd, UffdError};
 
-/// A 2 MiB staging area for installing one whole transparent huge page.
+/// Page-aligned private memory a receive lands in ([`Ring::recv_into`]):
+/// the page bytes of one frame, installed from there with no further copy in
+/// user space. Either a 2 MiB transparent-huge-page area, whose page
+/// `UFFDIO_MOVE` hands to guest memory as one PMD ([`Landing::move_whole`]),
+/// or flat 4 KiB memory for `UFFDIO_COPY`.
 ///
-/// `UFFDIO_COPY` only installs 4 KiB pages, which `MADV_COLLAPSE` must later
-/// copy a second time into a huge page. A stage instead takes the 2 MiB of a
-/// range in one copy into private, 2 MiB-aligned, `MADV_HUGEPAGE` memory (the
-/// kernel backs it with a fresh huge page when it has one), and
-/// `UFFDIO_MOVE` then hands that page to guest memory as one PMD: no second
-/// copy, nothing left to collapse. If the kernel had no huge page for the
-/// stage, or the destination range already holds a page, the move still
-/// installs correctly, in 4 KiB pages.
+/// The ring owns a landing while a receive into it is in flight, so no safe
+/// code reads it while the kernel writes it.
+///
+/// [`Ring::recv_into`]: crate::sys::ring::Ring::recv_into
 #[derive(Debug)]
-pub struct HugeStage {
+pub struct Landing {
     map: Mapping,
+    huge: bool,
 }
 
-impl HugeStage {
-    /// Bytes of a stage: one transparent huge page (x86-64, arm64 with 4 KiB
-    /// base pages).
-    pub const LEN: usize = 2 << 20;
+impl Landing {
+    /// Bytes of a huge landing: one transparent huge page (x86-64, arm64
+    /// with 4 KiB base pages).
+    pub const HUGE: usize = 2 << 20;
 
-    /// Maps an empty stage.
-    pub fn new() -> Result<HugeStage, crate::sys::mapping::MapError> {
+    /// An empty 2 MiB, 2 MiB-aligned, `MADV_HUGEPAGE` landing: the kernel
+    /// backs it with a fresh huge page at the first write, when it has one.
+    pub fn huge() -> Result<Landing, crate::sys::mapping::MapError> {
         let map = Mapping::anonymous(
-            Self::LEN,
+            Self::HUGE,
             4096,
             MapOptions {
                 thp: true,
                 populate: false,
             },
         )?;
-        Ok(HugeStage { map })
+        Ok(Landing { map, huge: true })
+    }
+
+    /// A flat landing of `len` bytes (rounded up to 4 KiB), 4 KiB pages,
+    /// populated now (so receives into it never fault).
+    pub fn flat(len: usize) -> Result<Landing, crate::sys::mapping::MapError> {
+        let map = Mapping::anonymous(
+            len.max(1).next_multiple_of(4096),
+            4096,
+            MapOptions {
+                thp: false,
+                populate: true,
+            },
+        )?;
+        Ok(Landing { map, huge: false })
+    }
+
+    /// Whether this is a 2 MiB huge-page landing.
+    pub fn is_huge(&self) -> bool {
+        self.huge
+    }
+
+    /// Bytes of the landing.
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    /// Never: a landing has at least one page.
+    pub fn is_empty(&self) -> bool {
+        self.map.is_empty()
+    }
+
+    /// Start of the landing, for the kernel to write (the ring).
+    pub(crate) fn as_mut_ptr(&mut self) -> *mut u8 {
+        self.map.as_ptr()
+    }
+
+    /// The landing's bytes.
+    pub fn as_slice(&self) -> &[u8] {
+        // SAFETY: `map` is private anonymous memory this landing alone owns,
+        // mapped for its whole length (pages moved out read as fresh zero
+        // pages); the kernel writes it only through a receive the ring owns
+        // the landing for, so no write happens while `&self` is borrowed.
+        unsafe { std::slice::from_raw_parts(self.map.as_ptr(), self.map.len()) }
+    }
+
+    /// The landing's bytes, mutably (decryption in place).
+    pub fn as_mut_slice(&mut self) -> &mut [u8] {
+        // SAFETY: as for `as_slice`, and `&mut self` makes the borrow unique.
+        unsafe { std::slice::from_raw_parts_mut(self.map.as_ptr(), self.map.len()) }
+    }
+
+    /// Copies `bytes` to the start of the landing.
+    pub fn write(&mut self, bytes: &[u8]) -> Result<(), UffdError> {
+        if bytes.len() > self.len() {
+            return Err(UffdError::Range {
+                op: "staging copy",
+                addr: self.map.addr(),
+                len: bytes.len(),
+                source: std::io::Error::from(std::io::ErrorKind::InvalidInput),
+            });
+        }
+        self.as_mut_slice()[..bytes.len()].copy_from_slice(bytes);
+        Ok(())
+    }
+
+    /// Moves the 2 MiB of a huge landing to the missing pages at `dst`
+    /// (2 MiB-aligned, registered on `uffd`, which must have
+    /// `UFFD_FEATURE_MOVE`), waking their waiters: one PMD when the landing
+    /// holds a huge page. A move stops at the first page already present at
+    /// `dst`: the bytes not moved stay where they were, for the caller to
+    /// install another way, and then [`Landing::clear`] the landing.
+    pub fn move_whole(&mut self, uffd: &Uffd, dst: usize) -> Result<Installed, UffdError> {
+        if !self.huge || !dst.is_multiple_of(Self::HUGE) {
+            // Not `EINVAL`, which would say that the kernel refuses moves.
+            return Err(UffdError::Range {
+                op: "UFFDIO_MOVE",
+                addr: dst,
+                len: self.len(),
+                source: std::io::Error::new(
+                    std::io::ErrorKind::InvalidInput,
+                    "a whole move takes a huge landing to a 2 MiB-aligned address",
+                ),
+            });
+        }
+        // SAFETY: the landing is private anonymous memory of this process that
+        // only `self` (borrowed mutably) reaches, 2 MiB-aligned; nobody reads
+        // it during the move, and afterwards the moved part is unpopulated
+        // (the next write faults in fresh memory). The kernel only fills `dst`
+        // if it lies in a range registered on `uffd` and is missing, as for
+        // COPY.
+        unsafe { uffd.move_pages(dst, self.map.as_ptr(), Self::HUGE, true, false) }
+    }
+
+    /// Drops every page the landing holds, so that the next write starts
+    /// from fresh memory (a huge page again, after a partial move split it).
+    pub fn clear(&mut self) {
+        // Not registered anywhere, so no event: the pages are simply freed.
+        let _ = self.map.madvise_dontneed(0, self.len());
+    }
+}
+
+/// A 2 MiB staging area for installing one whole transparent huge page.
+///
+/// `UFFDIO_COPY` only installs 4 KiB pages, which `MADV_COLLAPSE` must later
+/// copy a second time into a huge page. A stage instead takes the 2 MiB of a
+/// range in one copy into a huge [`Landing`] (the kernel backs it with a
+/// fresh huge page when it has one), and `UFFDIO_MOVE` then hands that page
+/// to guest memory as one PMD: no second copy, nothing left to collapse. If
+/// the kernel had no huge page for the stage, or the destination range
+/// already holds a page, the move still installs correctly, in 4 KiB pages.
+/// (A bulk lane that receives a whole range straight into a landing skips
+/// the copy too.)
+#[derive(Debug)]
+pub struct HugeStage {
+    land: Landing,
+}
+
+impl HugeStage {
+    /// Bytes of a stage.
+    pub const LEN: usize = Landing::HUGE;
+
+    /// Maps an empty stage.
+    pub fn new() -> Result<HugeStage, crate::sys::mapping::MapError> {
+        Ok(HugeStage {
+            land: Landing::huge()?,
+        })
     }
 
     /// Copies `bytes` (exactly [`HugeStage::LEN`]) into the stage and moves
@@ -74,26 +202,12 @@ impl HugeStage {
                 ),
             });
         }
-        self.map
-            .write_from(0, bytes)
-            .map_err(|e| UffdError::Range {
-                op: "staging copy",
-                addr: dst,
-                len: bytes.len(),
-                source: std::io::Error::other(e.to_string()),
-            })?;
-        // SAFETY: the stage is private anonymous memory of this process that
-        // only `self` (borrowed mutably) reaches, 2 MiB-aligned; nobody reads
-        // it during the move, and afterwards it is unpopulated (the next
-        // `write_from` faults in fresh memory). The kernel only fills `dst`
-        // if it lies in a range registered on `uffd` and is missing, as for
-        // COPY.
-        let r = unsafe { uffd.move_pages(dst, self.map.as_ptr(), Self::LEN, true, false) };
+        self.land.write(bytes)?;
+        let r = self.land.move_whole(uffd, dst);
         if !matches!(r, Ok(Installed::Done(n)) if n == Self::LEN) {
             // A partial move left pages behind: drop them, so that the next
-            // install starts from an empty stage. Not registered anywhere, so
-            // no event: the pages are simply freed.
-            let _ = self.map.madvise_dontneed(0, Self::LEN);
+            // install starts from an empty stage.
+            self.land.clear();
         }
         r
     }

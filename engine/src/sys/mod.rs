@@ -14,6 +14,7 @@
 //! * [`affinity`]: pinning threads to CPUs, scheduling classes.
 //! * [`scm`]: passing descriptors over Unix sockets (`SCM_RIGHTS`), `SO_PEERCRED`.
 //! * [`notify`]: an eventfd for waking a thread's ring from another thread.
+//! * [`tcp`]: the kernel's TCP state of a socket (`TCP_INFO`).
 
 pub mod affinity;
 pub mod bufring;
@@ -24,5 +25,6 @@ pub mod notify;
 pub mod pagemap;
 pub mod ring;
 pub mod scm;
+pub mod tcp;
 pub mod uffd;
 pub mod zero;

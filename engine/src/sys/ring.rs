@@ -54,6 +54,7 @@ use io_uring::{opcode, squeue, types, IoUring, Probe};
 
 use super::bufring::{SlotRing, StreamError, StreamRing};
 use super::guest::GuestMemory;
+use super::install::Landing;
 
 /// Errors from the ring.
 #[derive(Debug, thiserror::Error)]
@@ -204,6 +205,10 @@ enum OpRecord {
         _keep: Option<Arc<GuestMemory>>,
         token: u32,
     },
+    RecvInto {
+        land: Landing,
+        token: u32,
+    },
     Cancel,
 }
 
@@ -264,6 +269,18 @@ pub enum Event {
         /// Ready, ended, or the error.
         result: io::Result<bool>,
     },
+    /// A receive into a landing ([`Ring::recv_into`]) finished: the bytes
+    /// received (fewer than asked only at the end of the stream), or the
+    /// error; the landing comes back.
+    Landed {
+        /// The engine's token.
+        token: u32,
+        /// Bytes received, or the error (`ECANCELED` when a linked receive
+        /// before it ended short).
+        result: io::Result<usize>,
+        /// The landing.
+        land: Landing,
+    },
     /// A send completed; its buffer comes back for reuse.
     Sent {
         /// The engine's token.
@@ -273,6 +290,21 @@ pub enum Event {
         /// The send's buffer.
         buf: Vec<u8>,
     },
+}
+
+impl Event {
+    /// The engine's token of the operation the event is about.
+    pub fn token(&self) -> u32 {
+        match self {
+            Event::Received { token, .. }
+            | Event::ReceiveEnded { token, .. }
+            | Event::Slot { token, .. }
+            | Event::ReadEnded { token, .. }
+            | Event::Polled { token, .. }
+            | Event::Landed { token, .. }
+            | Event::Sent { token, .. } => *token,
+        }
+    }
 }
 
 /// An io_uring instance for one thread, owning everything its in-flight
@@ -471,6 +503,54 @@ impl Ring {
         // SAFETY: the receive writes only into buffers of group `group`, which
         // belong to a stream ring owned by `self`; the kernel holds its own
         // reference to the socket for the life of the request.
+        unsafe { self.push(e) }
+    }
+
+    /// Receives up to `len` bytes of `fd` into `land` from byte `offset`;
+    /// with `all`, exactly `len` (`MSG_WAITALL`: the kernel retries short
+    /// receives; fewer bytes only at the end of the stream or on an error).
+    /// The ring owns `land` until the receive ends ([`Event::Landed`] gives
+    /// it back). `link`: the next entry queued starts only once this one has
+    /// completed in full, so two receives of one stream, queued together,
+    /// fill their buffers in order.
+    #[allow(clippy::too_many_arguments)]
+    pub fn recv_into(
+        &mut self,
+        fd: BorrowedFd<'_>,
+        mut land: Landing,
+        offset: usize,
+        len: usize,
+        token: u32,
+        all: bool,
+        link: bool,
+    ) -> Result<(), RingError> {
+        let n = u32::try_from(len)
+            .ok()
+            .filter(|_| offset.checked_add(len).is_some_and(|end| end <= land.len()));
+        let Some(n) = n else {
+            return Err(RingError::Submit {
+                source: io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    format!(
+                        "a receive of {len} bytes at {offset} into a landing of {}",
+                        land.len()
+                    ),
+                ),
+            });
+        };
+        // In bounds (checked above).
+        let ptr = land.as_mut_ptr().wrapping_add(offset);
+        let ud = self.record(OpRecord::RecvInto { land, token });
+        let mut e = opcode::Recv::new(types::Fd(fd.as_raw_fd()), ptr, n)
+            .flags(if all { libc::MSG_WAITALL } else { 0 })
+            .build()
+            .user_data(ud);
+        if link {
+            e = e.flags(squeue::Flags::IO_LINK);
+        }
+        // SAFETY: `land` moved into the op record: its mapping (what `ptr`
+        // points into, `len` bytes in bounds) stays mapped and unread by safe
+        // code until the completion is reaped and gives it back.
         unsafe { self.push(e) }
     }
 
@@ -724,6 +804,15 @@ impl Ring {
                     self.forget_record(c.user_data);
                 }
                 out.push(Event::Polled { token, result });
+            }
+            OpRecord::RecvInto { .. } => {
+                if let Some(OpRecord::RecvInto { land, token }) = self.forget_record(c.user_data) {
+                    out.push(Event::Landed {
+                        token,
+                        result: c.bytes(),
+                        land,
+                    });
+                }
             }
             OpRecord::Send { .. } | OpRecord::SendV { .. } | OpRecord::Cancel => {
                 if !finished {

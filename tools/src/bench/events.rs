@@ -116,6 +116,9 @@ pub struct Counts {
     /// 2 MiB ranges installed whole as huge pages (destination).
     #[serde(default)]
     pub huge_moves: u64,
+    /// Of those, ranges received straight into a huge page (destination).
+    #[serde(default)]
+    pub landed_moves: u64,
     /// Bytes on the wire, headers included.
     pub wire_bytes: u64,
 }

@@ -41,6 +41,9 @@ pub struct HugePages {
     /// 2 MiB ranges the destination installed whole, as huge pages
     /// (`UFFDIO_MOVE` from a huge-page stage: never split, never collapsed).
     pub moved_whole: u64,
+    /// Of those, ranges a bulk lane received straight into the huge page it
+    /// moved in (`--bulk-receive direct`: no staging copy).
+    pub landed_whole: u64,
 }
 
 /// CPU time of the migration machinery (vCPU threads excluded).

@@ -244,6 +244,7 @@ impl RunResult {
                     _ => None,
                 },
                 moved_whole: d.counts.huge_moves,
+                landed_whole: d.counts.landed_moves,
             },
         }
     }

@@ -131,7 +131,11 @@ impl Report {
                 h.kept
                     .map_or(String::new(), |k| format!(" ({:.0}%)", k * 100.0)),
                 if h.moved_whole > 0 {
-                    format!(", {} MiB moved whole", h.moved_whole * 2)
+                    format!(
+                        ", {} MiB moved whole ({} MiB received in place)",
+                        h.moved_whole * 2,
+                        h.landed_whole * 2
+                    )
                 } else {
                     String::new()
                 }
