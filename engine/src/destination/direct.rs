@@ -3,13 +3,16 @@
 //!
 //! # Mechanism
 //! The lane asks for aligned payloads (`LANE_ALIGN_PAYLOAD`): every `Data`
-//! payload starts on a 4 KiB boundary of the lane's byte stream and is a
-//! whole number of 4 KiB pages, so whatever lies between two payloads (the
-//! previous frame's tag, control frames, the next frame's header, body and
-//! pad) is a whole number of 4 KiB blocks. The worker receives that in
-//! blocks ([`BLOCK`] bytes, `MSG_WAITALL`); once the bytes it has end with
-//! the head of a `Data` frame, it receives that frame's payload, exactly its
-//! length, into a [`Landing`]:
+//! payload of at least 64 KiB ([`INLINE_LIMIT`]) starts on a 4 KiB boundary
+//! of the lane's byte stream and is a whole number of 4 KiB pages, so
+//! whatever lies between two such payloads (the previous frame's tag,
+//! control frames, small frames, the next frame's header, body and pad)
+//! ends on a 4 KiB boundary. The worker receives those bytes in *blocks*:
+//! receives that stop at the stream's next 4 KiB boundary, or at the end of
+//! a frame whose length it already knows, so that they never take bytes of
+//! a payload. Once the bytes it has end exactly with the head of a `Data`
+//! frame, it receives that frame's payload, exactly its length
+//! (`MSG_WAITALL`), into a [`Landing`]:
 //! - a 2 MiB huge landing when the frame is one whole aligned 2 MiB range
 //!   none of whose pages is present: the kernel's socket copy is the only
 //!   copy, and `UFFDIO_MOVE` hands the landing's huge page to guest memory
@@ -17,17 +20,19 @@
 //!   huge-page stage);
 //! - a flat landing otherwise, installed with `UFFDIO_COPY` from there.
 //!
-//! The receive of the block after the payload is linked behind it
-//! (`IOSQE_IO_LINK`), and both are queued before the frame before them is
-//! checked and installed, so the kernel always has the next bytes to fetch
-//! while the worker installs (the lane report's receives in flight, sampled
-//! at each install, is 2). A frame's tag arrives with the block after its
-//! payload; the payload is checked against it before any of it is installed.
+//! A small payload the source left unaligned arrives inside the blocks and
+//! is installed from there. The receive of the block after a payload is
+//! linked behind it (`IOSQE_IO_LINK`, so the two fill in stream order), and
+//! both are queued before the frame before them is checked and installed:
+//! while the worker installs, the kernel has the next block to fetch, and the
+//! next payload too when its head had already arrived (the lane report's
+//! receives in flight, sampled at each install: 1 or 2). A frame's tag
+//! arrives with the block after its payload; the payload is checked against
+//! it before any of it is installed.
 //!
 //! # Hazards
-//! - A payload that does not start where the received blocks end means the
-//!   peer ignored the alignment the lane asked for:
-//!   [`EngineError::Misaligned`]. A payload longer than [`MAX_PAYLOAD`]:
+//! - A payload of 64 KiB or more that begins inside a block means the peer
+//!   ignored the alignment the lane asked for: [`EngineError::Misaligned`]. A payload longer than [`MAX_PAYLOAD`]:
 //!   [`EngineError::FrameTooLarge`].
 //! - `MSG_WAITALL` receives report nothing until they are complete, so a
 //!   payload in flight on a slow link says nothing of the link's health:

@@ -34,7 +34,7 @@ use crate::sys::bufring::StreamRing;
 use crate::sys::install::{copy, copy_mapped, move_out, zero, Landing};
 use crate::sys::mapping::Mapping;
 use crate::sys::notify::Notifier;
-use crate::sys::uffd::{Event, Installed, Uffd, UffdMsg};
+use crate::sys::uffd::{Event, Installed, Uffd, UffdError, UffdMsg};
 
 /// Orders installs against REMOVE events, for a userfaultfd that delivers
 /// them (a VMM's, with a balloon).
@@ -92,6 +92,14 @@ pub enum Payload<'a> {
     Landed(&'a mut Landing),
     /// Zero pages (sent as zero, never populated, or removed by a balloon).
     Zero,
+}
+
+/// Pages a whole move installed: its bytes in pages, 0 if it was refused.
+fn moved_pages(r: &Result<Installed, UffdError>, ps: usize) -> u64 {
+    match r {
+        Ok(Installed::Done(b) | Installed::Again { done: b }) => (b / ps) as u64,
+        Ok(Installed::Exists) | Err(_) => 0,
+    }
 }
 
 /// What one install did.
@@ -251,8 +259,7 @@ impl Installer {
     /// userfaultfd means: `Some(true)` the process exited (recorded here),
     /// `Some(false)` the range is no longer registered or mapped (the caller
     /// settles it); `None` a real error.
-    fn task_gone_error(&self, owner: u32, e: &crate::sys::uffd::UffdError) -> Option<bool> {
-        use crate::sys::uffd::UffdError;
+    fn task_gone_error(&self, owner: u32, e: &UffdError) -> Option<bool> {
         if !self.tasks {
             return None;
         }
@@ -317,64 +324,62 @@ impl Installer {
                 p += 1;
                 continue;
             }
-            if let (Some(h), Payload::Landed(land), PageKind::Data) =
-                (self.huge.get(), &mut payload, kind)
-            {
-                // Received straight into a huge landing: moved, not copied.
-                if p == 0 && land.is_huge() && guard.is_none() && h.whole_at(ri, first, count) {
+            // A whole aligned 2 MiB range none of whose pages is present goes
+            // in as one huge page: moved straight out of a huge landing the
+            // bytes were received into, or copied into a stage and moved.
+            // Anything short of a whole move falls through to the 4 KiB
+            // installs below, which re-read the present bits and classify
+            // errors.
+            let whole = match (self.huge.get(), &mut payload, kind) {
+                (Some(h), Payload::Landed(land), PageKind::Data)
+                    if p == 0
+                        && land.is_huge()
+                        && guard.is_none()
+                        && h.whole_at(ri, first, count) =>
+                {
                     whole_from = HUGE_PAGES;
                     if self.present.count_range(g, HUGE_PAGES) == 0 {
-                        let done = match h.move_landed(uffd, span.addr_of(first), land) {
-                            Ok(Installed::Done(b) | Installed::Again { done: b }) => b / ps,
-                            Ok(Installed::Exists) | Err(_) => 0,
-                        } as u64;
+                        let r = h.move_landed(uffd, span.addr_of(first), land);
+                        let done = moved_pages(&r, ps);
                         // A refused move may have split the landing's page.
                         split_landing = done != HUGE_PAGES;
-                        if done > 0 {
-                            self.present.set_range(g, done);
-                            out.installed += done;
-                            p += done;
-                            if done == HUGE_PAGES {
-                                Counters::add(&self.counters.huge_moves, 1);
-                                Counters::add(&self.counters.landed_moves, 1);
-                            } else {
-                                small += done;
-                            }
-                            continue;
-                        }
+                        Some((done, true))
+                    } else {
+                        None
                     }
                 }
-            }
-            if let (Some(h), Payload::Bytes(bytes), PageKind::Data) =
-                (self.huge.get(), &payload, kind)
-            {
-                if p >= whole_from && guard.is_none() && h.whole_at(ri, first + p, count - p) {
+                (Some(h), Payload::Bytes(bytes), PageKind::Data)
+                    if p >= whole_from
+                        && guard.is_none()
+                        && h.whole_at(ri, first + p, count - p) =>
+                {
                     whole_from = p + HUGE_PAGES;
                     if self.present.count_range(g, HUGE_PAGES) == 0 {
                         let off = usize::try_from(p).unwrap_or(0) * ps;
                         let src = bytes.get(off..off + HUGE_BYTES).ok_or_else(|| {
                             EngineError::Internal("payload shorter than its pages".into())
                         })?;
-                        // Anything short of a whole move falls through to the
-                        // 4 KiB installs below, which re-read the present bits
-                        // and classify errors.
-                        let done = match h.install_whole(uffd, span.addr_of(first + p), src) {
-                            Ok(Installed::Done(b) | Installed::Again { done: b }) => b / ps,
-                            Ok(Installed::Exists) | Err(_) => 0,
-                        } as u64;
-                        if done > 0 {
-                            self.present.set_range(g, done);
-                            out.installed += done;
-                            p += done;
-                            if done == HUGE_PAGES {
-                                Counters::add(&self.counters.huge_moves, 1);
-                            } else {
-                                small += done;
-                            }
-                            continue;
-                        }
+                        let r = h.install_whole(uffd, span.addr_of(first + p), src);
+                        Some((moved_pages(&r, ps), false))
+                    } else {
+                        None
                     }
                 }
+                _ => None,
+            };
+            if let Some((done, landed)) = whole.filter(|&(done, _)| done > 0) {
+                self.present.set_range(g, done);
+                out.installed += done;
+                p += done;
+                if done == HUGE_PAGES {
+                    Counters::add(&self.counters.huge_moves, 1);
+                    if landed {
+                        Counters::add(&self.counters.landed_moves, 1);
+                    }
+                } else {
+                    small += done;
+                }
+                continue;
             }
             let max_run = if guard.is_some() {
                 (GATED_CHUNK / ps).max(1) as u64
