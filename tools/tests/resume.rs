@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 
 use ringfault_testkit::memfile::{file_page, write_memory_file};
 use ringfault_testkit::netns::{End, NetPair};
-use ringfault_testkit::{mix, require, serial, wait_for, ChildProc, FakeVmm, TestDir, MIB};
+use ringfault_testkit::{mix, require, serial, skip, wait_for, ChildProc, FakeVmm, TestDir, MIB};
 
 const BIN: &str = env!("CARGO_BIN_EXE_ringfault");
 const SEED: u64 = 23;
@@ -306,5 +306,46 @@ fn resume_gives_up_after_resume_timeout_with_a_clear_error_on_both_ends() {
     assert!(
         down < Duration::from_secs(12),
         "both ends must give up within the liveness and resume timeouts, not after {down:?}"
+    );
+}
+
+/// A bulk lane receives each payload whole (`MSG_WAITALL`) and hears of it
+/// only when all of it is in: on a link so slow that one 2 MiB payload takes
+/// twice the liveness timeout, the destination must still see the lane as
+/// alive (the socket keeps receiving) and finish without a resume, every
+/// page checked.
+#[test]
+fn liveness_a_payload_slower_than_the_timeout_is_not_silence() {
+    let _g = serial();
+    if let Some(why) = NetPair::unavailable() {
+        skip!("{why}");
+    }
+    let net = NetPair::create().unwrap_or_else(|e| panic!("network namespaces: {e}"));
+    if let Err(why) = net.rate_limit("8mbit") {
+        skip!("cannot shape the link with tc: {why}");
+    }
+    let dir = TestDir::new("liveness-slow");
+    let key = dir.path("key");
+    std::fs::write(&key, "resume-test-key-0123456789abcdef\n").unwrap_or_else(|e| panic!("{e}"));
+    // 8 Mbit/s: a 2 MiB payload takes about 2.1 s, the liveness timeout is 1 s.
+    let common = ["--key-file", path_str(&key), "--liveness", LIVENESS];
+    let args = [&["--synthetic", "6M", "--threads", "0"][..], &common[..]].concat();
+    let (mut serve, addr) = serve_in(&net, &args);
+    let mut cmd = net.command(End::Destination, BIN);
+    cmd.args(["receive", "--from", &addr, "--threads", "0"])
+        .args(common);
+    let mut receive = ChildProc::spawn(cmd);
+    let verified = receive.expect("verified: ", Duration::from_secs(60));
+    let done = serve.expect("done: ", Duration::from_secs(10));
+    let (serve_st, _) = serve.wait_exit(Duration::from_secs(10));
+    let (recv_st, _) = receive.wait_exit(Duration::from_secs(10));
+    let rerr = receive.stderr();
+    assert!(serve_st.success(), "serve: {}", serve.stderr());
+    assert!(recv_st.success(), "receive: {rerr}");
+    assert!(verified.starts_with("yes"), "verified: {verified}\n{rerr}");
+    assert_eq!(
+        resumes_in(&done),
+        0,
+        "no lane may be declared silent while it receives: {done}\nreceive: {rerr}"
     );
 }

@@ -36,7 +36,7 @@
 //!   [`EngineError::FrameTooLarge`].
 //! - `MSG_WAITALL` receives report nothing until they are complete, so a
 //!   payload in flight on a slow link says nothing of the link's health:
-//!   silence is judged by the socket ([`Stream::silent_for`]), not by the
+//!   silence is judged by the socket ([`Stream::silent_for`]) too, not only by the
 //!   last completion.
 
 use std::os::fd::AsFd;
@@ -202,14 +202,20 @@ impl Direct {
         self.eof && self.in_flight == 0
     }
 
-    /// How long the lane has been silent: since the last completed receive,
-    /// unless the socket got bytes since (a payload receive in flight).
-    pub fn silent_for(&self, now: Instant) -> Duration {
+    /// Whether the lane has been silent for longer than `limit`: no
+    /// completed receive for that long, and the socket got no bytes either
+    /// (a payload receive in flight reports nothing until it is complete).
+    /// How long, if so.
+    pub fn silent_beyond(&self, now: Instant, limit: Duration) -> Option<Duration> {
         let ours = now.saturating_duration_since(self.last_rx);
-        match self.sock.silent_for() {
+        if ours <= limit {
+            return None;
+        }
+        let silent = match self.sock.silent_for() {
             Some(kernel) => ours.min(kernel),
             None => ours,
-        }
+        };
+        (silent > limit).then_some(silent)
     }
 
     /// Queues a receive of the bytes after `pending` and `after_payload`
@@ -298,6 +304,11 @@ impl Direct {
                     return Err(EngineError::ConnectionLost { lane: self.lane });
                 }
                 self.landed = Some((ex, land));
+                if self.opener.tag_len() == 0 {
+                    // No tag to wait for (`--integrity none`): installed
+                    // now, not when the next frame's bytes come.
+                    return self.advance(ring, inst, layout);
+                }
                 Ok(())
             }
             _ => {
@@ -585,13 +596,14 @@ pub fn run_worker(
             }
             return Err(EngineError::ConnectionLost { lane });
         }
-        let silent = lane_rx.silent_for(now);
-        // Acquire: as above.
-        if silent > cfg.liveness && !finished.load(Ordering::Acquire) {
-            return Err(EngineError::Silent {
-                lane,
-                silent_s: silent.as_secs_f64(),
-            });
+        if let Some(silent) = lane_rx.silent_beyond(now, cfg.liveness) {
+            // Acquire: as above.
+            if !finished.load(Ordering::Acquire) {
+                return Err(EngineError::Silent {
+                    lane,
+                    silent_s: silent.as_secs_f64(),
+                });
+            }
         }
         lap.skip();
         ring.submit_and_wait(Some(cfg.liveness / 4))?;
