@@ -44,10 +44,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use ringfault_proto::{
-    FrameHeader, Layout, Message, Opener, PageKind, PagesHeader, Phase, FRAME_HEADER_LEN,
+    FrameHeader, Layout, Message, Opener, PageKind, PagesHeader, FRAME_HEADER_LEN,
 };
 
-use super::bulk::{handle, Handled, WorkerConfig};
+use super::bulk::{handle, WorkerConfig};
 use super::inbound::Got;
 use super::install::{Installer, Payload};
 use crate::addr::Stream;
@@ -124,14 +124,11 @@ pub struct Direct {
     eof: bool,
     bytes: u64,
     frames: u64,
-    pages: u64,
     last_rx: Instant,
     timeline: Timeline,
     in_flight_min: usize,
     in_flight_sum: u64,
     samples: u64,
-    /// Phase markers received (pre-copy).
-    phases: Vec<Phase>,
 }
 
 impl Direct {
@@ -152,13 +149,11 @@ impl Direct {
             eof: false,
             bytes: 0,
             frames: 0,
-            pages: 0,
             last_rx: Instant::now(),
             timeline: Timeline::new(started),
             in_flight_min: usize::MAX,
             in_flight_sum: 0,
             samples: 0,
-            phases: Vec::new(),
         };
         d.want_block(ring, 0, 0)?;
         Ok(d)
@@ -183,16 +178,6 @@ impl Direct {
                 crate::stats::ratio(self.in_flight_sum, self.samples)
             },
         }
-    }
-
-    /// Phase markers received so far (pre-copy).
-    pub fn phases(&self) -> &[Phase] {
-        &self.phases
-    }
-
-    /// Pages installed from this lane.
-    pub fn pages(&self) -> u64 {
-        self.pages
     }
 
     /// The peer closed the lane and nothing is in flight any more: nothing
@@ -514,11 +499,10 @@ impl Direct {
                 m => Got::Control(m),
             };
             self.frames += 1;
+            // Phase markers matter only at the switch-over barrier, which
+            // `handle` waits at; the pages were counted by the installer.
             let mut pages = 0;
-            if let Handled::Phase(p) = handle(inst, lane, got, &mut pages)? {
-                self.phases.push(p);
-            }
-            self.pages += pages;
+            handle(inst, lane, got, &mut pages)?;
         }
         let used = match (&next, &self.landed) {
             // Its tag is not complete yet: nothing was handled.
@@ -545,10 +529,7 @@ impl Direct {
         } else {
             Payload::Landed(land)
         };
-        if let Handled::Phase(p) = handle(inst, self.lane, Got::Pages(h, payload), &mut pages)? {
-            self.phases.push(p);
-        }
-        self.pages += pages;
+        handle(inst, self.lane, Got::Pages(h, payload), &mut pages)?;
         self.frames += 1;
         Ok(())
     }
