@@ -35,6 +35,21 @@ struct Case {
     receive: BulkReceive,
 }
 
+impl Case {
+    /// `spec` over `channels` bulk lanes, on the defaults: copy installs,
+    /// TCP on loopback, frames tagged, bulk payloads received directly.
+    fn new(spec: VmSpec, channels: u16) -> Case {
+        Case {
+            spec,
+            channels,
+            install: InstallMode::Copy,
+            listen: None,
+            zero_copy: false,
+            receive: BulkReceive::Direct,
+        }
+    }
+}
+
 fn migrate(case: Case) -> ringfault_engine::stats::DestinationReport {
     let _g = serial();
     let listen = case.listen.as_deref().unwrap_or("tcp:127.0.0.1:0");
@@ -103,14 +118,7 @@ fn dense(size: usize, seed: u64) -> VmSpec {
 
 #[test]
 fn one_channel_copy() {
-    migrate(Case {
-        spec: dense(256 * MIB, 1),
-        channels: 1,
-        install: InstallMode::Copy,
-        listen: None,
-        zero_copy: false,
-        receive: BulkReceive::Direct,
-    });
+    migrate(Case::new(dense(256 * MIB, 1), 1));
 }
 
 /// The bulk lane receives straight into landings (the default): every byte
@@ -119,14 +127,7 @@ fn one_channel_copy() {
 /// whenever its head had arrived (then 2).
 #[test]
 fn one_channel_direct_keeps_receives_in_flight_while_installing() {
-    let r = migrate(Case {
-        spec: dense(256 * MIB, 11),
-        channels: 1,
-        install: InstallMode::Copy,
-        listen: None,
-        zero_copy: false,
-        receive: BulkReceive::Direct,
-    });
+    let r = migrate(Case::new(dense(256 * MIB, 11), 1));
     let bulk = r
         .channels
         .iter()
@@ -146,26 +147,15 @@ fn one_channel_direct_keeps_receives_in_flight_while_installing() {
 #[test]
 fn one_channel_stream_receive() {
     let r = migrate(Case {
-        spec: dense(256 * MIB, 12),
-        channels: 1,
-        install: InstallMode::Copy,
-        listen: None,
-        zero_copy: false,
         receive: BulkReceive::Stream,
+        ..Case::new(dense(256 * MIB, 12), 1)
     });
     assert_eq!(r.landed_moves, 0, "nothing lands directly on a stream lane");
 }
 
 #[test]
 fn four_channels_copy() {
-    let r = migrate(Case {
-        spec: dense(256 * MIB, 2),
-        channels: 4,
-        install: InstallMode::Copy,
-        listen: None,
-        zero_copy: false,
-        receive: BulkReceive::Direct,
-    });
+    let r = migrate(Case::new(dense(256 * MIB, 2), 4));
     assert_eq!(r.channels.len(), 5, "one demand and four bulk lanes");
     assert!(
         r.channels
@@ -185,30 +175,22 @@ fn move_install() {
         "this kernel has no UFFDIO_MOVE (needs Linux 6.8)"
     );
     migrate(Case {
-        spec: dense(256 * MIB, 3),
-        channels: 1,
         install: InstallMode::Move,
-        listen: None,
-        zero_copy: false,
-        receive: BulkReceive::Direct,
+        ..Case::new(dense(256 * MIB, 3), 1)
     });
 }
 
 #[test]
 fn sparse_region_sends_little() {
     let size = 256 * MIB;
-    let r = migrate(Case {
-        spec: VmSpec {
+    let r = migrate(Case::new(
+        VmSpec {
             seed: 4,
             region_sizes: vec![size],
             populated_permille: 100,
         },
-        channels: 1,
-        install: InstallMode::Copy,
-        listen: None,
-        zero_copy: false,
-        receive: BulkReceive::Direct,
-    });
+        1,
+    ));
     let limit = size as f64 * 0.15;
     assert!(
         (r.wire_bytes as f64) < limit,
@@ -220,18 +202,14 @@ fn sparse_region_sends_little() {
 
 #[test]
 fn two_regions_of_different_sizes() {
-    migrate(Case {
-        spec: VmSpec {
+    migrate(Case::new(
+        VmSpec {
             seed: 5,
             region_sizes: vec![160 * MIB, 96 * MIB],
             populated_permille: 900,
         },
-        channels: 2,
-        install: InstallMode::Copy,
-        listen: None,
-        zero_copy: false,
-        receive: BulkReceive::Direct,
-    });
+        2,
+    ));
 }
 
 #[test]
@@ -299,12 +277,8 @@ fn wrong_key_fails_on_both_sides_and_installs_nothing() {
 fn unix_socket_address() {
     let path = std::env::temp_dir().join(format!("ringfault-test-{}.sock", std::process::id()));
     let r = migrate(Case {
-        spec: dense(64 * MIB, 7),
-        channels: 2,
-        install: InstallMode::Copy,
         listen: Some(format!("unix:{}", path.display())),
-        zero_copy: false,
-        receive: BulkReceive::Direct,
+        ..Case::new(dense(64 * MIB, 7), 2)
     });
     assert_eq!(r.pages_total, (64 * MIB / PAGE) as u64);
     let _ = std::fs::remove_file(path);
@@ -313,12 +287,8 @@ fn unix_socket_address() {
 #[test]
 fn integrity_none_migrates() {
     let r = migrate(Case {
-        spec: dense(128 * MIB, 8),
-        channels: 2,
-        install: InstallMode::Copy,
-        listen: None,
         zero_copy: true,
-        receive: BulkReceive::Direct,
+        ..Case::new(dense(128 * MIB, 8), 2)
     });
     assert_eq!(r.protection, "none");
     assert_eq!(r.pages_total, (128 * MIB / PAGE) as u64);

@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 
 use ringfault_engine::sys::bufring::StreamRing;
 use ringfault_engine::sys::guest::{GuestMemory, RegionSpec};
+use ringfault_engine::sys::install::Landing;
 use ringfault_engine::sys::mapping::MapOptions;
 use ringfault_engine::sys::notify::Notifier;
 use ringfault_engine::sys::ring::{Event, Op, Opcodes, Piece, Ring, RingError, HIDE_OPCODES_ENV};
@@ -478,6 +479,31 @@ fn a_multishot_poll_reports_each_readiness() -> TestResult {
     Ok(())
 }
 
+/// The next completion of `ring`, taken from `events` (refilled by a turn
+/// when empty, for up to 10 s): it must be the end of receive `token` into a
+/// landing; its byte count and the landing.
+fn next_landed(
+    ring: &mut Ring,
+    events: &mut Vec<Event>,
+    token: u32,
+) -> Result<(usize, Landing), Box<dyn Error>> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while events.is_empty() {
+        if Instant::now() > deadline {
+            return Err(format!("no completion of receive {token}").into());
+        }
+        turn(ring, events)?;
+    }
+    match events.remove(0) {
+        Event::Landed {
+            token: t,
+            result,
+            land,
+        } if t == token => Ok((result?, land)),
+        other => Err(format!("expected receive {token} to end, got {other:?}").into()),
+    }
+}
+
 /// Receives straight into landings: a 2 MiB `MSG_WAITALL` receive into a
 /// huge landing, linked to a block receive queued in the same submission,
 /// fill their landings in stream order even though the sender writes the
@@ -486,7 +512,6 @@ fn a_multishot_poll_reports_each_readiness() -> TestResult {
 /// back with its bytes; the end of the stream gives 0.
 #[test]
 fn landed_receives_fill_their_landings_in_order() -> TestResult {
-    use ringfault_engine::sys::install::Landing;
     let (tx, rx) = tcp_pair()?;
     let huge = Landing::HUGE;
     let total = 4096 + huge + 100;
@@ -506,116 +531,46 @@ fn landed_receives_fill_their_landings_in_order() -> TestResult {
     let mut events = Vec::new();
     let mut got: Vec<u8> = Vec::new();
     // The first block, up to 4096 bytes, until all of it is in.
-    let mut block = Some(Landing::flat(4096)?);
+    let mut block = Landing::flat(4096)?;
     while got.len() < 4096 {
-        let b = block.take().ok_or("block landing lost")?;
-        ring.recv_into(rx.as_fd(), b, 0, 4096 - got.len(), 1, false, false)?;
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while block.is_none() {
-            assert!(Instant::now() < deadline, "no block completion");
-            turn(&mut ring, &mut events)?;
-            for ev in events.drain(..) {
-                match ev {
-                    Event::Landed {
-                        token: 1,
-                        result,
-                        land,
-                    } => {
-                        let n = result?;
-                        assert!(
-                            n > 0 && got.len() + n <= 4096,
-                            "{n} bytes after {}",
-                            got.len()
-                        );
-                        got.extend_from_slice(&land.as_slice()[..n]);
-                        block = Some(land);
-                    }
-                    other => return Err(format!("unexpected {other:?}").into()),
-                }
-            }
-        }
-    }
-    // The payload and the block after it, linked, in one submission.
-    ring.recv_into(rx.as_fd(), Landing::huge()?, 0, huge, 2, true, true)?;
-    let b = block.take().ok_or("block landing lost")?;
-    ring.recv_into(rx.as_fd(), b, 0, 4096, 3, false, false)?;
-    let (mut payload, mut tail) = (None, None);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while payload.is_none() || tail.is_none() {
+        ring.recv_into(rx.as_fd(), block, 0, 4096 - got.len(), 1, false, false)?;
+        let (n, b) = next_landed(&mut ring, &mut events, 1)?;
         assert!(
-            Instant::now() < deadline,
-            "the linked receives did not complete"
+            n > 0 && got.len() + n <= 4096,
+            "{n} bytes after {}",
+            got.len()
         );
-        turn(&mut ring, &mut events)?;
-        for ev in events.drain(..) {
-            match ev {
-                Event::Landed {
-                    token: 2,
-                    result,
-                    land,
-                } => {
-                    assert!(
-                        tail.is_none(),
-                        "the linked block completed before the payload"
-                    );
-                    assert_eq!(result?, huge, "a MSG_WAITALL receive is whole");
-                    assert!(land.is_huge());
-                    payload = Some(land);
-                }
-                Event::Landed {
-                    token: 3,
-                    result,
-                    land,
-                } => {
-                    let n = result?;
-                    assert!(n > 0 && n <= 100, "{n} bytes after the payload");
-                    got.extend_from_slice(&land.as_slice()[..n]);
-                    tail = Some((n, land));
-                }
-                other => return Err(format!("unexpected {other:?}").into()),
-            }
-        }
+        got.extend_from_slice(&b.as_slice()[..n]);
+        block = b;
     }
+    // The payload and the block after it, linked, in one submission: the
+    // payload's completion comes first, whole.
+    ring.recv_into(rx.as_fd(), Landing::huge()?, 0, huge, 2, true, true)?;
+    ring.recv_into(rx.as_fd(), block, 0, 4096, 3, false, false)?;
+    let (n, payload) = next_landed(&mut ring, &mut events, 2)?;
+    assert_eq!(n, huge, "a MSG_WAITALL receive is whole");
+    assert!(payload.is_huge());
+    let (mut tail, mut block) = next_landed(&mut ring, &mut events, 3)?;
+    assert!(tail > 0 && tail <= 100, "{tail} bytes after the payload");
+    got.extend_from_slice(&block.as_slice()[..tail]);
     writer.join().map_err(|_| "writer panicked")??;
-    let payload = payload.ok_or("no payload")?;
     let first_bad = payload.as_slice()[..huge]
         .iter()
         .enumerate()
         .position(|(i, &b)| b != stream_byte(4096 + i));
     assert_eq!(first_bad, None, "payload bytes differ from the stream's");
-    let (mut n, land) = tail.ok_or("no tail")?;
-    let mut land = Some(land);
     // The rest of the 100 bytes, then the end of the stream.
     loop {
-        let l = land.take().ok_or("block landing lost")?;
-        ring.recv_into(rx.as_fd(), l, 0, 4096, 4, false, false)?;
-        let deadline = Instant::now() + Duration::from_secs(10);
-        let mut done = None;
-        while done.is_none() {
-            assert!(Instant::now() < deadline, "no completion at the end");
-            turn(&mut ring, &mut events)?;
-            for ev in events.drain(..) {
-                match ev {
-                    Event::Landed {
-                        token: 4,
-                        result,
-                        land: l,
-                    } => {
-                        done = Some(result?);
-                        got.extend_from_slice(&l.as_slice()[..done.unwrap_or(0)]);
-                        land = Some(l);
-                    }
-                    other => return Err(format!("unexpected {other:?}").into()),
-                }
-            }
+        ring.recv_into(rx.as_fd(), block, 0, 4096, 4, false, false)?;
+        let (n, b) = next_landed(&mut ring, &mut events, 4)?;
+        got.extend_from_slice(&b.as_slice()[..n]);
+        block = b;
+        if n == 0 {
+            break;
         }
-        match done {
-            Some(0) => break,
-            Some(k) => n += k,
-            None => unreachable!(),
-        }
+        tail += n;
     }
-    assert_eq!(n, 100, "the bytes after the payload");
+    assert_eq!(tail, 100, "the bytes after the payload");
     let want: Vec<u8> = (0..4096)
         .chain(4096 + huge..total)
         .map(stream_byte)

@@ -18,7 +18,7 @@
 // Test code: page indexes and offsets fit in usize on 64-bit Linux.
 #![allow(clippy::cast_possible_truncation)]
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use ringfault_testkit::memfile::{file_page, write_memory_file};
@@ -78,6 +78,22 @@ fn serve_in(net: &NetPair, args: &[&str]) -> (ChildProc, String) {
     (serve, addr)
 }
 
+/// The session's pre-shared key, written to `dir`; its path.
+fn write_key(dir: &TestDir) -> PathBuf {
+    let key = dir.path("key");
+    std::fs::write(&key, "resume-test-key-0123456789abcdef\n").unwrap_or_else(|e| panic!("{e}"));
+    key
+}
+
+/// `ringfault receive --from ADDR --threads THREADS ARGS` inside the
+/// destination's namespace.
+fn receive_in(net: &NetPair, addr: &str, threads: &str, args: &[&str]) -> ChildProc {
+    let mut cmd = net.command(End::Destination, BIN);
+    cmd.args(["receive", "--from", addr, "--threads", threads])
+        .args(args);
+    ChildProc::spawn(cmd)
+}
+
 /// The number in serve's `done: ... (N resumes)` line.
 fn resumes_in(done: &str) -> u64 {
     done.rsplit_once('(')
@@ -99,8 +115,7 @@ fn resume_after_ten_link_cuts_at_random_points_is_byte_exact() {
     let dir = TestDir::new("resume-cuts");
     let mem = dir.path("mem");
     drop(write_memory_file(&mem, SEED, SIZE));
-    let key = dir.path("key");
-    std::fs::write(&key, "resume-test-key-0123456789abcdef\n").unwrap_or_else(|e| panic!("{e}"));
+    let key = write_key(&dir);
     let seed = cut_seed();
     eprintln!("cut points from RF_CUT_SEED={seed}");
     let mut x = seed;
@@ -258,8 +273,7 @@ fn resume_gives_up_after_resume_timeout_with_a_clear_error_on_both_ends() {
     );
     let net = net.unwrap_or_else(|e| panic!("{e}"));
     let dir = TestDir::new("resume-timeout");
-    let key = dir.path("key");
-    std::fs::write(&key, "resume-test-key-0123456789abcdef\n").unwrap_or_else(|e| panic!("{e}"));
+    let key = write_key(&dir);
     let common = [
         "--key-file",
         path_str(&key),
@@ -270,10 +284,7 @@ fn resume_gives_up_after_resume_timeout_with_a_clear_error_on_both_ends() {
     ];
     let args = [&["--synthetic", "64M", "--threads", "0"][..], &common[..]].concat();
     let (mut serve, addr) = serve_in(&net, &args);
-    let mut cmd = net.command(End::Destination, BIN);
-    cmd.args(["receive", "--from", &addr, "--threads", "1"])
-        .args(common);
-    let mut receive = ChildProc::spawn(cmd);
+    let mut receive = receive_in(&net, &addr, "1", &common);
     wait_for("the switch-over", Duration::from_secs(30), || {
         serve.stderr().contains("switch-over")
     });
@@ -325,16 +336,12 @@ fn liveness_a_payload_slower_than_the_timeout_is_not_silence() {
         skip!("cannot shape the link with tc: {why}");
     }
     let dir = TestDir::new("liveness-slow");
-    let key = dir.path("key");
-    std::fs::write(&key, "resume-test-key-0123456789abcdef\n").unwrap_or_else(|e| panic!("{e}"));
+    let key = write_key(&dir);
     // 8 Mbit/s: a 2 MiB payload takes about 2.1 s, the liveness timeout is 1 s.
     let common = ["--key-file", path_str(&key), "--liveness", LIVENESS];
     let args = [&["--synthetic", "6M", "--threads", "0"][..], &common[..]].concat();
     let (mut serve, addr) = serve_in(&net, &args);
-    let mut cmd = net.command(End::Destination, BIN);
-    cmd.args(["receive", "--from", &addr, "--threads", "0"])
-        .args(common);
-    let mut receive = ChildProc::spawn(cmd);
+    let mut receive = receive_in(&net, &addr, "0", &common);
     let verified = receive.expect("verified: ", Duration::from_secs(60));
     let done = serve.expect("done: ", Duration::from_secs(10));
     let (serve_st, _) = serve.wait_exit(Duration::from_secs(10));

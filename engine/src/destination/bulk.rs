@@ -200,6 +200,78 @@ pub struct WorkerConfig {
     pub liveness: Duration,
 }
 
+impl WorkerConfig {
+    /// Pins the calling worker thread and sets its class, as configured.
+    pub(super) fn place_current(&self) {
+        place_current_thread(
+            "bulk worker",
+            self.core.is_some(),
+            self.core.unwrap_or(0),
+            self.class,
+        );
+    }
+}
+
+/// A bulk lane's receiving half, as a bulk worker drives it: through a
+/// stream ring ([`BulkLane`]) or into landings
+/// ([`super::direct::Direct`]).
+pub(super) trait LaneRx {
+    /// Handles this turn's completions (`events`, which it may drain), then
+    /// installs what they completed, about `budget` payload bytes at most.
+    /// `Busy` when more may be ready without waiting.
+    fn turn(
+        &mut self,
+        ring: &mut Ring,
+        events: &mut Vec<Event>,
+        inst: &Installer,
+        layout: &Layout,
+        budget: usize,
+        now: Instant,
+    ) -> Result<Work, EngineError>;
+
+    /// The peer closed the lane and nothing more will come.
+    fn drained(&self, ring: &Ring) -> bool;
+
+    /// How long the lane has been silent, if longer than `limit`.
+    fn silent_beyond(&self, now: Instant, limit: Duration) -> Option<Duration>;
+
+    /// The lane's report.
+    fn report(&self, ring: &Ring) -> ChannelReport;
+}
+
+impl LaneRx for BulkLane {
+    fn turn(
+        &mut self,
+        ring: &mut Ring,
+        events: &mut Vec<Event>,
+        inst: &Installer,
+        layout: &Layout,
+        budget: usize,
+        now: Instant,
+    ) -> Result<Work, EngineError> {
+        for ev in events.iter() {
+            if let Event::Received { .. } | Event::ReceiveEnded { .. } = ev {
+                self.inbound
+                    .on_event(ring, ev, now, &inst.counters.wire_bytes)?;
+            }
+        }
+        self.process(ring, inst, layout, budget)
+    }
+
+    fn drained(&self, ring: &Ring) -> bool {
+        self.inbound.drained(ring)
+    }
+
+    fn silent_beyond(&self, now: Instant, limit: Duration) -> Option<Duration> {
+        let silent = now.saturating_duration_since(self.inbound.last_rx);
+        (silent > limit).then_some(silent)
+    }
+
+    fn report(&self, ring: &Ring) -> ChannelReport {
+        BulkLane::report(self, ring)
+    }
+}
+
 /// Runs one bulk lane on this thread until its connection ends. A clean end
 /// (the peer closed after `finished` was set) gives the lane's report.
 pub fn run_worker(
@@ -212,54 +284,52 @@ pub fn run_worker(
     started: Instant,
 ) -> Result<ChannelReport, EngineError> {
     let lane = link.lane;
-    place_current_thread(
-        "bulk worker",
-        cfg.core.is_some(),
-        cfg.core.unwrap_or(0),
-        cfg.class,
-    );
+    cfg.place_current();
     let mut ring = Ring::deferred(64)?;
     let mut bulk = BulkLane::new(link, &mut ring, buf, 1, started)?;
+    drive(&mut bulk, &mut ring, lane, inst, layout, cfg, finished)
+}
+
+/// Drives `rx`, bulk lane `lane`, in `ring` until its connection ends: one
+/// submission per turn, a wait when nothing is ready. An error, or the end
+/// of the lane, after `finished` was set gives the lane's report; before,
+/// the error, `ConnectionLost`, or `Silent` after `liveness` without a byte.
+pub(super) fn drive(
+    rx: &mut impl LaneRx,
+    ring: &mut Ring,
+    lane: LaneId,
+    inst: &Installer,
+    layout: &Layout,
+    cfg: &WorkerConfig,
+    finished: &AtomicBool,
+) -> Result<ChannelReport, EngineError> {
     let mut events = Vec::with_capacity(64);
     let mut lap = crate::stats::Lap::start();
     loop {
         events.clear();
         ring.events(&mut events)?;
         let now = Instant::now();
-        for ev in &events {
-            if let Event::Received { .. } | Event::ReceiveEnded { .. } = ev {
-                if let Err(e) = bulk
-                    .inbound
-                    .on_event(&mut ring, ev, now, &inst.counters.wire_bytes)
-                {
-                    // Acquire: pairs with the Release store after completion.
-                    if finished.load(Ordering::Acquire) {
-                        return Ok(bulk.report(&ring));
-                    }
-                    return Err(e);
-                }
-            }
-        }
-        let work = match bulk.process(&mut ring, inst, layout, cfg.budget) {
+        let work = match rx.turn(ring, &mut events, inst, layout, cfg.budget, now) {
             Ok(w) => w,
-            // Acquire: as above.
-            Err(_) if finished.load(Ordering::Acquire) => return Ok(bulk.report(&ring)),
+            // Acquire: pairs with the Release store after completion.
+            Err(_) if finished.load(Ordering::Acquire) => return Ok(rx.report(ring)),
             Err(e) => return Err(e),
         };
-        if bulk.inbound.drained(&ring) {
+        if rx.drained(ring) {
             // Acquire: as above.
             if finished.load(Ordering::Acquire) {
-                return Ok(bulk.report(&ring));
+                return Ok(rx.report(ring));
             }
             return Err(EngineError::ConnectionLost { lane });
         }
-        let silent = now.saturating_duration_since(bulk.inbound.last_rx);
-        // Acquire: as above.
-        if silent > cfg.liveness && !finished.load(Ordering::Acquire) {
-            return Err(EngineError::Silent {
-                lane,
-                silent_s: silent.as_secs_f64(),
-            });
+        if let Some(silent) = rx.silent_beyond(now, cfg.liveness) {
+            // Acquire: as above.
+            if !finished.load(Ordering::Acquire) {
+                return Err(EngineError::Silent {
+                    lane,
+                    silent_s: silent.as_secs_f64(),
+                });
+            }
         }
         lap.skip();
         if work == Work::Busy {

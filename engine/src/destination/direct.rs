@@ -47,13 +47,13 @@ use ringfault_proto::{
     FrameHeader, Layout, Message, Opener, PageKind, PagesHeader, FRAME_HEADER_LEN,
 };
 
-use super::bulk::{handle, WorkerConfig};
-use super::inbound::Got;
+use super::bulk::{drive, handle, LaneRx, WorkerConfig};
+use super::inbound::{pad_and_payload, Got};
 use super::install::{Installer, Payload};
+use super::pages::Work;
 use crate::addr::Stream;
 use crate::error::{EngineError, LaneId};
 use crate::stats::{ChannelReport, Counters, Timeline};
-use crate::sys::affinity::place_current_thread;
 use crate::sys::install::Landing;
 use crate::sys::ring::{Event, Ring};
 use crate::wire::Framed;
@@ -159,50 +159,6 @@ impl Direct {
         Ok(d)
     }
 
-    /// The lane's report.
-    pub fn report(&self) -> ChannelReport {
-        ChannelReport {
-            channel: self.lane.channel,
-            lane: self.lane.lane,
-            bytes: self.bytes,
-            frames: self.frames,
-            bytes_per_step: self.timeline.samples().to_vec(),
-            recv_in_flight_min: if self.samples == 0 {
-                self.in_flight
-            } else {
-                self.in_flight_min
-            },
-            recv_in_flight_mean: if self.samples == 0 {
-                0.0
-            } else {
-                crate::stats::ratio(self.in_flight_sum, self.samples)
-            },
-        }
-    }
-
-    /// The peer closed the lane and nothing is in flight any more: nothing
-    /// more will come. (A frame cut short may remain: only a lane the session
-    /// no longer needs ends cleanly.)
-    pub fn drained(&self) -> bool {
-        self.eof && self.in_flight == 0
-    }
-
-    /// Whether the lane has been silent for longer than `limit`: no
-    /// completed receive for that long, and the socket got no bytes either
-    /// (a payload receive in flight reports nothing until it is complete).
-    /// How long, if so.
-    pub fn silent_beyond(&self, now: Instant, limit: Duration) -> Option<Duration> {
-        let ours = now.saturating_duration_since(self.last_rx);
-        if ours <= limit {
-            return None;
-        }
-        let silent = match self.sock.silent_for() {
-            Some(kernel) => ours.min(kernel),
-            None => ours,
-        };
-        (silent > limit).then_some(silent)
-    }
-
     /// Queues a receive of the bytes after `pending` and `after_payload`
     /// more, if none is in flight: up to the stream's next 4 KiB boundary
     /// (no aligned payload starts before it), or the `need` bytes the frame
@@ -289,12 +245,10 @@ impl Direct {
                     return Err(EngineError::ConnectionLost { lane: self.lane });
                 }
                 self.landed = Some((ex, land));
-                if self.opener.tag_len() == 0 {
-                    // No tag to wait for (`--integrity none`): installed
-                    // now, not when the next frame's bytes come.
-                    return self.advance(ring, inst, layout);
-                }
-                Ok(())
+                // Installed as soon as its tag is in: at once without tags
+                // (`--integrity none`), otherwise when the block after it
+                // brings the tag (this call then finds nothing to do).
+                self.advance(ring, inst, layout)
             }
             _ => {
                 self.pending.extend_from_slice(&land.as_slice()[..n]);
@@ -389,18 +343,7 @@ impl Direct {
             }
             let msg = Message::decode(&header, &self.pending[at + FRAME_HEADER_LEN..body_end])
                 .map_err(|source| EngineError::Decode { lane, source })?;
-            let (pad, payload) = match &msg {
-                Message::Pages(h) => {
-                    let p = h
-                        .validate(layout)
-                        .map_err(|source| EngineError::validation(lane, source))?;
-                    (
-                        usize::from(h.pad_len),
-                        usize::try_from(p).unwrap_or(usize::MAX),
-                    )
-                }
-                _ => (0, 0),
-            };
+            let (pad, payload) = pad_and_payload(&msg, layout, lane)?;
             let head_end = body_end + pad;
             if payload > 0 && head_end >= len {
                 if head_end > len {
@@ -535,6 +478,67 @@ impl Direct {
     }
 }
 
+impl LaneRx for Direct {
+    fn turn(
+        &mut self,
+        ring: &mut Ring,
+        events: &mut Vec<Event>,
+        inst: &Installer,
+        layout: &Layout,
+        _budget: usize,
+        now: Instant,
+    ) -> Result<Work, EngineError> {
+        // Each completion is handled, and what it completes installed, as it
+        // comes: nothing is left for a later turn.
+        for ev in events.drain(..) {
+            self.on_event(ring, ev, inst, layout, now)?;
+        }
+        Ok(Work::Idle)
+    }
+
+    /// The peer closed the lane and nothing is in flight any more: nothing
+    /// more will come. (A frame cut short may remain: only a lane the session
+    /// no longer needs ends cleanly.)
+    fn drained(&self, _ring: &Ring) -> bool {
+        self.eof && self.in_flight == 0
+    }
+
+    /// No completed receive for longer than `limit`, and the socket got no
+    /// bytes either (a payload receive in flight reports nothing until it is
+    /// complete).
+    fn silent_beyond(&self, now: Instant, limit: Duration) -> Option<Duration> {
+        let ours = now.saturating_duration_since(self.last_rx);
+        if ours <= limit {
+            return None;
+        }
+        let silent = match self.sock.silent_for() {
+            Some(kernel) => ours.min(kernel),
+            None => ours,
+        };
+        (silent > limit).then_some(silent)
+    }
+
+    fn report(&self, _ring: &Ring) -> ChannelReport {
+        ChannelReport {
+            channel: self.lane.channel,
+            lane: self.lane.lane,
+            bytes: self.bytes,
+            frames: self.frames,
+            bytes_per_step: self.timeline.samples().to_vec(),
+            recv_in_flight_min: if self.samples == 0 {
+                self.in_flight
+            } else {
+                self.in_flight_min
+            },
+            recv_in_flight_mean: if self.samples == 0 {
+                0.0
+            } else {
+                crate::stats::ratio(self.in_flight_sum, self.samples)
+            },
+        }
+    }
+}
+
 /// Runs one bulk lane received into landings on this thread until its
 /// connection ends. A clean end (the peer closed after `finished` was set)
 /// gives the lane's report.
@@ -547,47 +551,8 @@ pub fn run_worker(
     started: Instant,
 ) -> Result<ChannelReport, EngineError> {
     let lane = link.lane;
-    place_current_thread(
-        "bulk worker",
-        cfg.core.is_some(),
-        cfg.core.unwrap_or(0),
-        cfg.class,
-    );
+    cfg.place_current();
     let mut ring = Ring::deferred(16)?;
-    let mut lane_rx = Direct::new(link, &mut ring, started)?;
-    let mut events = Vec::with_capacity(16);
-    let mut lap = crate::stats::Lap::start();
-    loop {
-        events.clear();
-        ring.events(&mut events)?;
-        let now = Instant::now();
-        for ev in events.drain(..) {
-            if let Err(e) = lane_rx.on_event(&mut ring, ev, inst, layout, now) {
-                // Acquire: pairs with the Release store after completion.
-                if finished.load(Ordering::Acquire) {
-                    return Ok(lane_rx.report());
-                }
-                return Err(e);
-            }
-        }
-        if lane_rx.drained() {
-            // Acquire: as above.
-            if finished.load(Ordering::Acquire) {
-                return Ok(lane_rx.report());
-            }
-            return Err(EngineError::ConnectionLost { lane });
-        }
-        if let Some(silent) = lane_rx.silent_beyond(now, cfg.liveness) {
-            // Acquire: as above.
-            if !finished.load(Ordering::Acquire) {
-                return Err(EngineError::Silent {
-                    lane,
-                    silent_s: silent.as_secs_f64(),
-                });
-            }
-        }
-        lap.skip();
-        ring.submit_and_wait(Some(cfg.liveness / 4))?;
-        lap.lap(&inst.counters.stage_receive_ns);
-    }
+    let mut rx = Direct::new(link, &mut ring, started)?;
+    drive(&mut rx, &mut ring, lane, inst, layout, cfg, finished)
 }

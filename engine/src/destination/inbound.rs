@@ -69,6 +69,28 @@ pub struct Inbound {
     bounce: Vec<u8>,
 }
 
+/// The pad and payload bytes after a decoded frame's body: a `Pages`
+/// frame's, once its header checked out against `layout`; none for any other
+/// message.
+pub(super) fn pad_and_payload(
+    msg: &Message,
+    layout: &Layout,
+    lane: LaneId,
+) -> Result<(usize, usize), EngineError> {
+    match msg {
+        Message::Pages(h) => {
+            let p = h
+                .validate(layout)
+                .map_err(|source| EngineError::validation(lane, source))?;
+            Ok((
+                usize::from(h.pad_len),
+                usize::try_from(p).unwrap_or(usize::MAX),
+            ))
+        }
+        _ => Ok((0, 0)),
+    }
+}
+
 impl Inbound {
     /// Adds `ring_buf` to `ring` and arms the lane's receive.
     pub fn new(
@@ -224,18 +246,7 @@ impl Inbound {
             Message::decode(&header, &self.bounce[FRAME_HEADER_LEN..body_end])
         }
         .map_err(|source| EngineError::Decode { lane, source })?;
-        let (pad, payload) = match &msg {
-            Message::Pages(h) => {
-                let p = h
-                    .validate(layout)
-                    .map_err(|source| EngineError::validation(lane, source))?;
-                (
-                    usize::from(h.pad_len),
-                    usize::try_from(p).unwrap_or(usize::MAX),
-                )
-            }
-            _ => (0, 0),
-        };
+        let (pad, payload) = pad_and_payload(&msg, layout, lane)?;
         let head_len = body_end + pad;
         let total = head_len
             .saturating_add(payload)

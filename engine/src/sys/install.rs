@@ -124,16 +124,11 @@ impl Landing {
     /// install another way, and then [`Landing::clear`] the landing.
     pub fn move_whole(&mut self, uffd: &Uffd, dst: usize) -> Result<Installed, UffdError> {
         if !self.huge || !dst.is_multiple_of(Self::HUGE) {
-            // Not `EINVAL`, which would say that the kernel refuses moves.
-            return Err(UffdError::Range {
-                op: "UFFDIO_MOVE",
-                addr: dst,
-                len: self.len(),
-                source: std::io::Error::new(
-                    std::io::ErrorKind::InvalidInput,
-                    "a whole move takes a huge landing to a 2 MiB-aligned address",
-                ),
-            });
+            return Err(not_whole(
+                dst,
+                self.len(),
+                "a whole move takes a huge landing to a 2 MiB-aligned address",
+            ));
         }
         // SAFETY: the landing is private anonymous memory of this process that
         // only `self` (borrowed mutably) reaches, 2 MiB-aligned; nobody reads
@@ -149,6 +144,17 @@ impl Landing {
     pub fn clear(&mut self) {
         // Not registered anywhere, so no event: the pages are simply freed.
         let _ = self.map.madvise_dontneed(0, self.len());
+    }
+}
+
+/// A whole move asked of memory that cannot make one: `InvalidInput`, not
+/// `EINVAL`, which would say that the kernel refuses moves.
+fn not_whole(dst: usize, len: usize, why: &'static str) -> UffdError {
+    UffdError::Range {
+        op: "UFFDIO_MOVE",
+        addr: dst,
+        len,
+        source: std::io::Error::new(std::io::ErrorKind::InvalidInput, why),
     }
 }
 
@@ -191,16 +197,11 @@ impl HugeStage {
         bytes: &[u8],
     ) -> Result<Installed, UffdError> {
         if bytes.len() != Self::LEN || !dst.is_multiple_of(Self::LEN) {
-            // Not `EINVAL`, which would say that the kernel refuses moves.
-            return Err(UffdError::Range {
-                op: "UFFDIO_MOVE",
-                addr: dst,
-                len: bytes.len(),
-                source: std::io::Error::new(
-                    std::io::ErrorKind::InvalidInput,
-                    "a huge-page stage installs exactly 2 MiB at a 2 MiB-aligned address",
-                ),
-            });
+            return Err(not_whole(
+                dst,
+                bytes.len(),
+                "a huge-page stage installs exactly 2 MiB at a 2 MiB-aligned address",
+            ));
         }
         self.land.write(bytes)?;
         let r = self.land.move_whole(uffd, dst);
