@@ -4,8 +4,9 @@
 //! The demand lane lives in the fault loop's ring: faults of one loop turn
 //! go out as one `Demand` frame; replies arrive by a multishot receive into
 //! the lane's stream ring and are installed from there. Bulk lanes run on
-//! worker threads (`bulk::run_worker`), or the first one in the loop's own
-//! ring when configured so. The session ends with `Complete` (every page
+//! worker threads (`direct::run_worker`, payloads received into landings;
+//! `bulk::run_worker` through a stream ring), or the first one in the loop's
+//! own ring when configured so. The session ends with `Complete` (every page
 //! present), `CompleteAck` (the source sends nothing more), the loop's
 //! unregistering, then `Release` (the source may free memory); each step is
 //! accepted only in its state.
